@@ -1,0 +1,1 @@
+"""Quantization: ptq (onnxruntime, torch-free) and qat (torch). Import submodules directly."""
