@@ -1,0 +1,362 @@
+"""Latency and accuracy of ONNX models through onnxruntime, with numpy only.
+
+This is the measurement half of the pipeline and must run on the deployment target itself (a
+Raspberry Pi, a CI runner) where torch is absent: it imports only numpy, onnx and onnxruntime.
+Latency is wall time of ``InferenceSession.run`` on a fixed random input, reported as
+percentiles, because the median is what survives noisy shared machines.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from compresskit.onnxinfo import check_model_path, model_stats
+
+Optimization = Literal["all", "extended", "basic", "none"]
+ProgressFn = Callable[[str], None]
+
+_OPT_LEVELS = {
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+_ORT_LOAD_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+)
+# onnxruntime input type strings -> numpy dtypes for the inputs we can synthesise.
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
+def usable_cores() -> int:
+    """CPUs this process may use (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def make_session(
+    path: str | os.PathLike,
+    threads: int,
+    optimization: Optimization = "all",
+) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (0 = all usable cores), one inter-op
+    thread and sequential execution, so thread counts compare cleanly between models.
+
+    Accepts ``.onnx`` and ``.ort`` files. Raises FileNotFoundError/ValueError naming the path.
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    if optimization not in _OPT_LEVELS:
+        raise ValueError(f"optimization must be one of {sorted(_OPT_LEVELS)}, got {optimization!r}")
+    path = check_model_path(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads if threads > 0 else usable_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = _OPT_LEVELS[optimization]
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except _ORT_LOAD_ERRORS as err:
+        raise ValueError(f"onnxruntime cannot load {path} as a model: {err}") from err
+
+
+def _session(path_or_session: str | os.PathLike | ort.InferenceSession, threads: int):
+    if isinstance(path_or_session, ort.InferenceSession):
+        return path_or_session
+    return make_session(path_or_session, threads)
+
+
+def _session_threads(session: ort.InferenceSession) -> int:
+    return int(session.get_session_options().intra_op_num_threads)
+
+
+def _input_shape(node_arg, batch_size: int) -> tuple[int, ...]:
+    """The input's shape with the batch dim set; other non-fixed dims are an error."""
+    shape = list(node_arg.shape)
+    if not shape:
+        raise ValueError(f"input {node_arg.name!r} is a scalar; cannot add a batch dimension")
+    first = shape[0]
+    if isinstance(first, int) and first > 0 and first != batch_size:
+        raise ValueError(
+            f"input {node_arg.name!r} has a fixed batch of {first}; cannot run batch {batch_size}"
+        )
+    symbolic = [f"dim {i} ({d!r})" for i, d in enumerate(shape[1:], 1) if not isinstance(d, int)]
+    if symbolic:
+        raise ValueError(
+            f"input {node_arg.name!r} has non-fixed dims {', '.join(symbolic)}: pass input_data "
+            "or export the model with fixed spatial dims"
+        )
+    return (batch_size, *shape[1:])
+
+
+def random_inputs(
+    session: ort.InferenceSession, batch_size: int, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Deterministic random feeds for every model input (standard normal for floats)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = _ORT_TYPES.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"cannot synthesise input {arg.name!r} of type {arg.type}")
+        shape = _input_shape(arg, batch_size)
+        if np.issubdtype(dtype, np.floating):
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            feeds[arg.name] = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(
+                dtype
+            )
+    return feeds
+
+
+def _feeds_from(session, input_data, batch_size: int) -> dict[str, np.ndarray]:
+    names = [arg.name for arg in session.get_inputs()]
+    if isinstance(input_data, Mapping):
+        feeds = dict(input_data)
+    elif len(names) == 1:
+        feeds = {names[0]: input_data}
+    else:
+        raise ValueError(f"the model has inputs {names}: pass input_data as a dict")
+    missing = set(names) - set(feeds)
+    if missing:
+        raise ValueError(f"input_data lacks model inputs {sorted(missing)}")
+    for name, arr in feeds.items():
+        if np.shape(arr)[:1] != (batch_size,):
+            raise ValueError(
+                f"input_data[{name!r}] has shape {np.shape(arr)}, expected batch {batch_size}"
+            )
+    return feeds
+
+
+def _latency_summary(times_ns: list[int], batch_size: int) -> dict:
+    ms = np.asarray(times_ns, dtype=np.float64) / 1e6
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "mean_ms": float(ms.mean()),
+        "std_ms": float(ms.std()),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "p50_ms": p50,
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "runs": len(times_ns),
+        "total_s": float(ms.sum() / 1e3),
+        "per_sample_ms": p50 / batch_size,
+        "throughput": batch_size * 1000.0 / p50 if p50 > 0 else float("inf"),
+    }
+
+
+def measure_latency(
+    path_or_session: str | os.PathLike | ort.InferenceSession,
+    batch_size: int,
+    *,
+    threads: int = 1,
+    warmup: int = 10,
+    min_runs: int = 20,
+    max_runs: int = 1000,
+    max_seconds: float = 3.0,
+    input_data: np.ndarray | Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Time ``session.run`` on one fixed input: ``warmup`` untimed runs, then timed runs until
+    ``max_seconds`` have passed or ``max_runs`` are done, but never fewer than ``min_runs``.
+
+    Returns milliseconds (mean, std, min, max, p50, p90, p99), the run count, and p50-based
+    per-sample time and throughput (samples/s). ``threads`` applies only when a path is given;
+    ``threads`` in the result is the session's actual intra-op count, ``threads_setting`` the
+    value asked for (0 = all cores; None when a session was passed in).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if warmup < 0 or min_runs < 1 or max_runs < min_runs:
+        raise ValueError(
+            f"need warmup >= 0 and 1 <= min_runs <= max_runs, got {warmup}, {min_runs}, {max_runs}"
+        )
+    session = _session(path_or_session, threads)
+    if input_data is None:
+        feeds = random_inputs(session, batch_size, seed)
+    else:
+        feeds = _feeds_from(session, input_data, batch_size)
+    outputs = [out.name for out in session.get_outputs()]
+    for _ in range(warmup):
+        session.run(outputs, feeds)
+    budget_ns = int(max_seconds * 1e9)
+    times: list[int] = []
+    start = time.perf_counter_ns()
+    while len(times) < max_runs:
+        t0 = time.perf_counter_ns()
+        session.run(outputs, feeds)
+        t1 = time.perf_counter_ns()
+        times.append(t1 - t0)
+        if len(times) >= min_runs and t1 - start >= budget_ns:
+            break
+    given = isinstance(path_or_session, ort.InferenceSession)
+    result = {
+        "batch_size": batch_size,
+        "threads": _session_threads(session),
+        "threads_setting": None if given else threads,
+        "warmup": warmup,
+    }
+    result.update(_latency_summary(times, batch_size))
+    return result
+
+
+def _check_eval_data(x: np.ndarray, y: np.ndarray, arg) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"x must be a float array (N, C, H, W), got {x.dtype} {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must be an int array of shape ({len(x)},), got {y.dtype} {y.shape}")
+    expected = list(arg.shape[1:])
+    if len(expected) != x.ndim - 1 or any(
+        isinstance(d, int) and d != s for d, s in zip(expected, x.shape[1:], strict=True)
+    ):
+        raise ValueError(
+            f"x has sample shape {tuple(x.shape[1:])} but input {arg.name!r} expects {expected}"
+        )
+    dtype = _ORT_TYPES.get(arg.type, np.float32)
+    return x.astype(dtype, copy=False), y
+
+
+def _predict_logits(session, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for all of ``x``, batched; a fixed-batch model gets zero-padded last batches."""
+    arg = session.get_inputs()[0]
+    out_name = session.get_outputs()[0].name
+    fixed = arg.shape[0] if isinstance(arg.shape[0], int) and arg.shape[0] > 0 else None
+    step = fixed or batch_size
+    chunks = []
+    for i in range(0, len(x), step):
+        batch = x[i : i + step]
+        real = len(batch)
+        if fixed and real < fixed:
+            pad = np.zeros((fixed - real, *batch.shape[1:]), dtype=batch.dtype)
+            batch = np.concatenate([batch, pad])
+        logits = session.run([out_name], {arg.name: batch})[0]
+        chunks.append(np.asarray(logits)[:real])
+    logits = np.concatenate(chunks)
+    if logits.ndim != 2:
+        raise ValueError(f"output {out_name!r} has shape {logits.shape}; expected (N, classes)")
+    return logits
+
+
+def evaluate(
+    path_or_session: str | os.PathLike | ort.InferenceSession,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int = 256,
+    threads: int = 0,
+) -> dict:
+    """Top-1 (and top-5 when there are at least 5 classes) accuracy of the model's first output
+    on ``x`` (N, C, H, W float) with integer labels ``y``; fractions in 0..1. Ties resolve to
+    the lowest class index, so results are deterministic."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    session = _session(path_or_session, threads)
+    x, y = _check_eval_data(x, y, session.get_inputs()[0])
+    if len(x) == 0:
+        raise ValueError("x is empty: nothing to evaluate")
+    start = time.perf_counter()
+    logits = _predict_logits(session, x, batch_size)
+    wall_s = time.perf_counter() - start
+    classes = logits.shape[1]
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}), got [{y.min()}, {y.max()}]")
+    top1 = np.argmax(logits, axis=1)
+    result = {
+        "accuracy": float(np.mean(top1 == y)),
+        "top5": None,
+        "n": len(y),
+        "classes": int(classes),
+        "batch_size": batch_size,
+        "threads": _session_threads(session),
+        "wall_s": wall_s,
+    }
+    if classes >= 5:
+        # Stable sort of -logits keeps the lowest index first among ties, like argmax.
+        top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+        result["top5"] = float(np.mean(np.any(top5 == y[:, None], axis=1)))
+    return result
+
+
+def bench_model(
+    path: str | os.PathLike,
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: Sequence[int] = (1,),
+    warmup: int = 10,
+    min_runs: int = 20,
+    max_runs: int = 1000,
+    max_seconds: float = 3.0,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    eval_threads: int = 0,
+    eval_batch_size: int = 256,
+    optimization: Optimization = "all",
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Static statistics, latency for every (threads, batch size) pair and, when ``x``/``y`` are
+    given, accuracy: one JSON-able dict that is the core of a report row.
+
+    A fixed-batch model is timed only at its own batch; the other pairs are listed under
+    ``latency_skipped`` with the reason. ``progress`` receives a short message per step.
+    """
+    if (x is None) != (y is None):
+        raise ValueError("give both x and y for accuracy, or neither")
+    path = check_model_path(path)
+    note = progress or (lambda _msg: None)
+    note(f"{path.name}: statistics")
+    result = model_stats(path)
+    result["precision"] = "int8" if result["int8"] else "fp32"
+    latency, skipped = [], []
+    for n_threads in threads:
+        session = make_session(path, n_threads, optimization)
+        fixed = session.get_inputs()[0].shape[0]
+        for batch in batch_sizes:
+            if isinstance(fixed, int) and fixed > 0 and fixed != batch:
+                reason = f"model input has fixed batch {fixed}"
+                skipped.append({"batch_size": batch, "threads": n_threads, "reason": reason})
+                continue
+            note(f"{path.name}: latency batch {batch}, {n_threads or 'all'} thread(s)")
+            entry = measure_latency(
+                session,
+                batch,
+                warmup=warmup,
+                min_runs=min_runs,
+                max_runs=max_runs,
+                max_seconds=max_seconds,
+            )
+            entry["threads_setting"] = n_threads
+            entry["optimization"] = optimization
+            latency.append(entry)
+    result["latency"] = latency
+    result["latency_skipped"] = skipped
+    result["accuracy"] = None
+    result["top5"] = None
+    if x is not None:
+        note(f"{path.name}: accuracy on {len(x)} samples")
+        metrics = evaluate(path, x, y, batch_size=eval_batch_size, threads=eval_threads)
+        result["accuracy"] = metrics["accuracy"]
+        result["top5"] = metrics["top5"]
+        result["eval"] = metrics
+    return result

@@ -1,0 +1,411 @@
+"""Pipeline configuration: one pydantic model per stage, validated once.
+
+Every model forbids unknown keys and documents each field; choices are literals and
+method-specific options are discriminated unions. `load_config(path, overrides)` reads YAML with
+`yaml.safe_load`, merges `--set a.b=value` overrides, validates, and raises `ConfigError` whose
+`problems` are `(key path, message)` pairs. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ConfigError(Exception):
+    """A configuration problem; `problems` holds (key path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{loc}: {msg}" for loc, msg in problems))
+
+
+# ------------------------------------------------------------------ data
+
+class AugmentConfig(Strict):
+    hflip: bool = Field(False, description="Random horizontal flip during training.")
+    crop_padding: int = Field(0, ge=0, le=16, description="Random crop after zero-padding by this many pixels (0: off).")
+
+
+class SyntheticConfig(Strict):
+    num_train: int = Field(512, ge=16, description="Training images (validation is carved from them).")
+    num_test: int = Field(256, ge=8, description="Test images.")
+    num_classes: int = Field(4, ge=2, description="Number of classes.")
+    image_size: int = Field(16, ge=8, le=512, description="Square image side in pixels.")
+    channels: Literal[1, 3] = Field(1, description="Image channels.")
+    seed: int = Field(0, description="Seed of the generator (the data is the same for the same seed).")
+
+
+class DataConfig(Strict):
+    dataset: Literal["fashion-mnist", "cifar10", "imagefolder", "synthetic"] = Field(
+        "fashion-mnist", description="Dataset to train and evaluate on.")
+    root: Path | None = Field(None, description=(
+        "Dataset directory. fashion-mnist: the four IDX .gz files (default: Debian's "
+        "/usr/share/datasets/fashion-mnist, else ./data/fashion-mnist); cifar10: torchvision's root; "
+        "imagefolder: a directory with train/ and test/ class-per-folder subdirectories."))
+    download: bool = Field(False, description="Let torchvision download the dataset when it is missing.")
+    image_size: int | None = Field(None, ge=8, le=1024, description="imagefolder: resize images to this square size (required for imagefolder).")
+    channels: Literal[1, 3] | None = Field(None, description="imagefolder: 1 converts to grayscale, 3 to RGB (default 3).")
+    mean: list[float] | None = Field(None, description="Per-channel normalization mean (after scaling pixels to [0,1]); default per dataset.")
+    std: list[float] | None = Field(None, description="Per-channel normalization std; default per dataset.")
+    class_names: list[str] | None = Field(None, description="Class names written into exported models; default per dataset.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Fraction of the training set held out for model selection.")
+    calib_size: int = Field(512, ge=1, description="Training images (never test images) used to calibrate PTQ.")
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    eval_batch_size: int = Field(512, ge=1, description="Evaluation batch size.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process).")
+    limit_train: int | None = Field(None, ge=1, description="Use only the first N training images (quick runs).")
+    limit_test: int | None = Field(None, ge=1, description="Use only the first N test images (quick runs).")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Options of the synthetic dataset.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std must have the same length")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        if self.dataset == "imagefolder" and self.root is None:
+            raise ValueError("imagefolder needs data.root (a directory with train/ and test/)")
+        if self.dataset == "imagefolder" and self.image_size is None:
+            raise ValueError("imagefolder needs data.image_size")
+        return self
+
+
+# ------------------------------------------------------------------ models
+
+class ResNetSpec(Strict):
+    arch: Literal["resnet"] = Field(description="ResNet with basic blocks for small inputs.")
+    blocks: list[Annotated[int, Field(ge=1)]] = Field([2, 2, 2, 2], min_length=1, max_length=6, description="Blocks per stage.")
+    width: int = Field(64, ge=4, le=512, description="Channels of the first stage (doubled at every stage).")
+    stem_stride: Literal[1, 2] = Field(1, description="Stride of the 3x3 stem convolution.")
+
+
+class MobileNetV2Spec(Strict):
+    arch: Literal["mobilenetv2"] = Field(description="MobileNetV2 for small inputs.")
+    width_mult: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier.")
+    stem_stride: Literal[1, 2] = Field(2, description="Stride of the stem convolution.")
+    stage_strides: list[Literal[1, 2]] = Field([1, 2, 2, 2, 1, 1, 1], min_length=7, max_length=7, description="Stride of each of the 7 inverted-residual stages.")
+    last_channel: int = Field(1280, ge=8, description="Channels of the final 1x1 convolution before pooling.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+
+
+class MobileNetV3Spec(Strict):
+    arch: Literal["mobilenetv3"] = Field(description="torchvision MobileNetV3.")
+    size: Literal["small", "large"] = Field("small", description="Variant.")
+    width_mult: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier.")
+    stem_stride: Literal[1, 2] | None = Field(None, description="Override the stem stride (torchvision: 2).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+
+
+class TorchvisionSpec(Strict):
+    arch: Literal["torchvision"] = Field(description="Any torchvision classifier by name, randomly initialised.")
+    name: str = Field(description="torchvision model name, e.g. resnet18, mobilenet_v2, efficientnet_b0.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for the constructor.")
+    stem_stride: Literal[1, 2] | None = Field(None, description="Override the first convolution's stride.")
+
+
+class CustomSpec(Strict):
+    arch: Literal["custom"] = Field(description="A user model built by a Python callable.")
+    factory: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="'package.module:callable' returning an nn.Module; it gets num_classes/in_channels if it accepts them.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the callable.")
+
+
+ModelSpec = Annotated[
+    ResNetSpec | MobileNetV2Spec | MobileNetV3Spec | TorchvisionSpec | CustomSpec,
+    Field(discriminator="arch"),
+]
+
+
+# ------------------------------------------------------------------ training
+
+class TrainConfig(Strict):
+    epochs: int = Field(5, ge=0, le=10000, description="Training epochs (0: no training).")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (AdamW: beta1).")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Weight decay (not applied to norms and biases).")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="Learning-rate schedule, stepped per batch.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up (cosine/constant schedules).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
+    batch_size: int | None = Field(None, ge=1, description="Override data.batch_size for this stage.")
+    grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value.")
+    channels_last: bool = Field(True, description="Train in channels_last memory format (faster convolutions on CPU and GPU).")
+    amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="Mixed precision: auto = bf16/fp16 on CUDA, off on CPU.")
+
+
+# ------------------------------------------------------------------ distillation loss terms
+
+class CETerm(Strict):
+    method: Literal["ce"] = Field(description="Cross-entropy on the hard labels.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the sum.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing.")
+
+
+class KDTerm(Strict):
+    method: Literal["kd"] = Field(description="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)).")
+    weight: float = Field(0.9, ge=0.0, description="Weight of the soft-target term (the hard-label term is a separate 'ce' term).")
+    temperature: float = Field(4.0, gt=0.0, le=100.0, description="Softmax temperature T.")
+
+
+class FitNetTerm(Strict):
+    method: Literal["fitnet"] = Field(description="FitNet hint: MSE between a regressed student feature and a teacher feature.")
+    weight: float = Field(1.0, ge=0.0, description="Weight of this term.")
+    student: str = Field(min_length=1, description="Student module path whose output is the guided feature, e.g. features.6.")
+    teacher: str = Field(min_length=1, description="Teacher module path whose output is the hint, e.g. layers.1.")
+
+
+class ATTerm(Strict):
+    method: Literal["at"] = Field(description="Attention transfer: distance of normalized spatial attention maps.")
+    weight: float = Field(100.0, ge=0.0, description="Weight of this term.")
+    student: str = Field(min_length=1, description="Student module path.")
+    teacher: str = Field(min_length=1, description="Teacher module path.")
+    p: float = Field(2.0, gt=0.0, description="Exponent of the attention map (mean over channels of |f|^p).")
+
+
+LossTerm = Annotated[CETerm | KDTerm | FitNetTerm | ATTerm, Field(discriminator="method")]
+
+
+def default_kd_loss() -> list[LossTerm]:
+    return [CETerm(method="ce", weight=0.1), KDTerm(method="kd", weight=0.9, temperature=4.0)]
+
+
+# ------------------------------------------------------------------ stages
+
+class TeacherConfig(Strict):
+    model: ModelSpec = Field(default_factory=lambda: ResNetSpec(arch="resnet", width=32, stem_stride=2),
+                             description="Teacher architecture (also used to load a plain state-dict checkpoint).")
+    checkpoint: Path | None = Field(None, description="Load this checkpoint instead of training (a compresskit checkpoint or a state dict).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings when no checkpoint is given.")
+
+
+class DistillConfig(Strict):
+    enabled: bool = Field(True, description="Run this stage (off: the student is trained with the loss terms but no teacher terms allowed).")
+    student: ModelSpec = Field(default_factory=lambda: MobileNetV2Spec(arch="mobilenetv2", width_mult=0.35, last_channel=256),
+                               description="Student architecture.")
+    loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Weighted sum of loss terms.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    baseline: bool = Field(False, description="Also train the same student with cross-entropy only, as an ablation row.")
+
+
+class StructuredPrune(Strict):
+    method: Literal["structured"] = Field(description="Channel pruning with Torch-Pruning: the network really shrinks.")
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "lamp", "fpgm"] = Field("l2", description="Channel importance criterion.")
+    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="Fraction of channels removed (per layer, or overall when global).")
+    global_pruning: bool = Field(False, description="Rank channels across layers instead of the same ratio per layer.")
+    iterative_steps: int = Field(1, ge=1, le=100, description="Prune in this many steps.")
+    round_to: int | None = Field(8, ge=1, description="Keep channel counts multiples of this (SIMD-friendly).")
+    ignored_layers: list[str] = Field(default_factory=list, description="Module paths never pruned (the classifier always is).")
+
+
+class MagnitudePrune(Strict):
+    method: Literal["magnitude"] = Field(description="Global unstructured L1 pruning: zeros weights, shapes stay (no speed-up on dense runtimes).")
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="Fraction of conv/linear weights set to zero.")
+
+
+class FinetuneConfig(Strict):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=0.02), description="Recovery fine-tuning settings.")
+    loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Loss terms; teacher terms use the stage's teacher model.")
+
+
+class PruneConfig(Strict):
+    enabled: bool = Field(True, description="Run this stage.")
+    pruner: Annotated[StructuredPrune | MagnitudePrune, Field(discriminator="method")] = Field(
+        default_factory=lambda: StructuredPrune(method="structured"), description="Pruning method and its options.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Recovery fine-tuning with KD from the teacher.")
+
+
+class PTQConfig(Strict):
+    enabled: bool = Field(True, description="Run post-training static quantization with onnxruntime.")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="Activation type: uint8 is faster on x86 VNNI than int8.")
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Weight type.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
+    calibrate_method: Literal["minmax", "entropy", "percentile", "distribution"] = Field("minmax", description="Calibration method.")
+    percentile: float = Field(99.999, gt=90.0, le=100.0, description="Percentile for calibrate_method=percentile.")
+    reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where U8S8 can saturate.")
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="ONNX node names kept in float.")
+
+
+class QATConfig(Strict):
+    enabled: bool = Field(True, description="Run quantization-aware training.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.005, schedule="cosine"), description="QAT fine-tuning settings.")
+    loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Loss terms; the teacher is the float (pruned) student.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales.")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="Activation type of the exported QDQ model.")
+
+
+class QuantizeConfig(Strict):
+    ptq: PTQConfig = Field(default_factory=PTQConfig, description="Post-training quantization.")
+    qat: QATConfig = Field(default_factory=QATConfig, description="Quantization-aware training.")
+
+
+class ExportConfig(Strict):
+    opset: int = Field(17, ge=13, le=23, description="ONNX opset.")
+    parity_samples: int = Field(512, ge=1, description="Test images used for the PyTorch/ONNX parity check.")
+    max_abs_diff: float = Field(1e-3, gt=0.0, description="FP32 parity tolerance on logits; a larger difference fails the stage.")
+    ort_format: bool = Field(False, description="Also write .ort files for onnxruntime mobile.")
+
+
+class BenchConfig(Strict):
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 64], min_length=1, description="Batch sizes to time.")
+    threads: list[Annotated[int, Field(ge=0)]] = Field([1], min_length=1, description="Intra-op thread counts to time (0: all cores).")
+    warmup: int = Field(10, ge=0, description="Untimed warm-up runs.")
+    min_runs: int = Field(20, ge=1, description="Minimum timed runs.")
+    max_seconds: float = Field(2.0, gt=0.0, description="Time budget per (model, batch, threads) measurement.")
+    accuracy: bool = Field(True, description="Evaluate every model on the full test set through onnxruntime.")
+
+
+class BudgetConfig(Strict):
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="Minimum test accuracy of the deployed model (fraction, 0.917 = 91.7%).")
+    max_accuracy_drop: float | None = Field(None, ge=0.0, le=1.0, description="Maximum accuracy drop vs reference_model (fraction points, 0.005 = 0.5 pt).")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="Maximum p50 latency in ms at latency_batch_size.")
+    max_size_mb: float | None = Field(None, gt=0.0, description="Maximum model file size in MiB.")
+    latency_batch_size: int = Field(1, ge=1, description="Batch size the latency budget applies to (must be in bench.batch_sizes).")
+    latency_threads: int | None = Field(None, ge=0, description="Thread count the latency budget applies to (default: the first of bench.threads).")
+    reference_model: Literal["student", "pruned", "teacher"] = Field("student", description="FP32 model that max_accuracy_drop is measured against.")
+
+
+STAGES = ("teacher", "distill", "prune", "quantize", "export", "bench", "report")
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
+                      description="Run name: artifacts go to <models_dir>/<name>/, reports to <reports_dir>/<name>/.")
+    seed: int = Field(0, description="Random seed.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads for training (default: torch's choice).")
+    models_dir: Path = Field(Path("models"), description="Root of run artifacts.")
+    reports_dir: Path = Field(Path("reports"), description="Root of run reports.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation stage.")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="Pruning stage.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Quantization stage.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export stage.")
+    bench: BenchConfig = Field(default_factory=BenchConfig, description="Benchmark stage.")
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="CI budgets for the deployed model.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        b = self.budgets
+        if b.latency_batch_size not in self.bench.batch_sizes:
+            raise ValueError(f"budgets.latency_batch_size={b.latency_batch_size} is not in bench.batch_sizes={self.bench.batch_sizes}")
+        if b.latency_threads is not None and b.latency_threads not in self.bench.threads:
+            raise ValueError(f"budgets.latency_threads={b.latency_threads} is not in bench.threads={self.bench.threads}")
+        if not self.distill.enabled and any(t.method != "ce" for t in self.distill.loss):
+            raise ValueError("distill.enabled is false but distill.loss has teacher terms; use only 'ce' terms")
+        return self
+
+
+# ------------------------------------------------------------------ loading
+
+def _parse_value(text: str) -> Any:
+    """An override value is YAML: 3 -> int, 0.1 -> float, true -> bool, [1,2] -> list, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `a.b.c=value` overrides into a raw config dict (list items by index: `a.0.b=1`)."""
+    problems: list[tuple[str, str]] = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append((item, "override must look like key.path=value"))
+            continue
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append((key, f"'{part}' is not a valid index of a list of {len(node)}"))
+                    break
+                if last:
+                    node[int(part)] = _parse_value(value)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse_value(value)
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                problems.append((key, f"'{'.'.join(parts[:i])}' is not a mapping"))
+                break
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+_UNION_TAGS = {"resnet", "mobilenetv2", "mobilenetv3", "torchvision", "custom", "ce", "kd",
+               "fitnet", "at", "structured", "magnitude"}
+
+
+def _loc(err: dict[str, Any]) -> str:
+    """The key path of an error, without the union tags pydantic inserts (teacher.model.resnet.width)."""
+    loc = [str(p) for p in err.get("loc", ())]
+    parts = [p for i, p in enumerate(loc) if not (p in _UNION_TAGS and 0 < i < len(loc) - 1)]
+    return ".".join(parts) or "(root)"
+
+
+def validate_config(raw: Any) -> PipelineConfig:
+    if raw is None:
+        raise ConfigError([("(root)", "the pipeline file is empty")])
+    if not isinstance(raw, dict):
+        raise ConfigError([("(root)", f"expected a mapping of sections, got {type(raw).__name__}")])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors(include_url=False):
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif e.get("input") is not None and e["type"] not in ("missing",):
+                shown = repr(e["input"])
+                msg = f"{msg} (got {shown[:60]})"
+            problems.append((_loc(e), msg))
+        raise ConfigError(problems) from None
+
+
+def load_raw(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([(str(path), "file not found")])
+    if not path.is_file():
+        raise ConfigError([(str(path), "not a file")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([(str(path), f"cannot read: {err}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError([(f"{path}:{where}", f"YAML syntax error: {problem}")]) from None
+    if raw is None:
+        raise ConfigError([(str(path), "the pipeline file is empty")])
+    return raw
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file. Relative paths inside stay relative to the cwd."""
+    raw = load_raw(path)
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_config(raw)

@@ -1,0 +1,355 @@
+"""Datasets and loaders.
+
+Images travel as uint8 (N, C, H, W) and are normalised (and augmented) per batch on the
+training device: small datasets (Fashion-MNIST, CIFAR-10, synthetic) live in memory as one
+tensor, which is several times faster than per-sample PIL transforms; an image folder is read
+lazily through a DataLoader and goes through the same batch transform.
+
+Splits: `train` (for fitting), `val` (carved from the training set, for model selection),
+`test` (only for the reported accuracy), `calib` (a subset of `train` for PTQ calibration).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from compresskit.config import DataConfig
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck"]
+DEFAULT_NORM = {  # mean, std after scaling pixels to [0, 1]
+    "fashion-mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+}
+
+
+class DataError(Exception):
+    """The dataset cannot be found or read; the message says how to fix it."""
+
+
+@dataclass
+class Split:
+    """A split: in-memory uint8 images, or a lazy dataset of (uint8 CHW tensor, label)."""
+
+    images: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    dataset: Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels) if self.labels is not None else len(self.dataset)  # type: ignore[arg-type]
+
+    def subset(self, index: torch.Tensor) -> Split:
+        if self.images is not None:
+            return Split(self.images[index], self.labels[index])  # type: ignore[index]
+        return Split(dataset=Subset(self.dataset, index.tolist()))  # type: ignore[arg-type]
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    val: Split
+    test: Split
+    calib: Split
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    hflip: bool = False
+    crop_padding: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, self.in_channels, *self.image_size)
+
+    def loader(self, split: str, *, batch_size: int | None = None, shuffle: bool = False,
+               augment: bool = False, device: torch.device | str = "cpu",
+               channels_last: bool = False, seed: int = 0) -> BatchLoader:
+        bs = batch_size or (self.batch_size if split == "train" else self.eval_batch_size)
+        return BatchLoader(getattr(self, split), bs, shuffle=shuffle, seed=seed,
+                           transform=BatchTransform(self.mean, self.std,
+                                                    self.hflip and augment,
+                                                    self.crop_padding if augment else 0),
+                           device=torch.device(device), channels_last=channels_last,
+                           num_workers=self.num_workers)
+
+    def numpy_split(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised float32 images and int64 labels of a split (for onnxruntime)."""
+        xs, ys = [], []
+        seen = 0
+        for x, y in self.loader(split):
+            xs.append(x.numpy())
+            ys.append(y.numpy())
+            seen += len(y)
+            if limit is not None and seen >= limit:
+                break
+        x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+        return (x_all[:limit], y_all[:limit]) if limit is not None else (x_all, y_all)
+
+    def preprocess(self) -> dict:
+        """What a deployment applies to raw 0..255 pixels: (x * scale - mean) / std, NCHW."""
+        return {"scale": 1 / 255, "mean": self.mean, "std": self.std, "layout": "NCHW",
+                "channels": self.in_channels, "size": list(self.image_size)}
+
+
+class BatchTransform:
+    """uint8 batch -> normalised float batch, with optional flip / pad-and-crop per sample."""
+
+    def __init__(self, mean: list[float], std: list[float], hflip: bool, crop_padding: int) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std).view(1, -1, 1, 1) * 255)
+        self.hflip = hflip
+        self.pad = crop_padding
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        x = x.float()
+        if self.hflip:
+            flip = torch.rand(x.shape[0], generator=gen) < 0.5
+            x[flip] = x[flip].flip(-1)
+        if self.pad:
+            n, _, h, w = x.shape
+            padded = torch.nn.functional.pad(x, (self.pad,) * 4)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
+            rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * self.pad)
+            x = padded.gather(2, rows)
+            cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+            x = x.gather(3, cols)
+        mean, inv_std = self.mean.to(x.device), self.inv_std.to(x.device)
+        return (x - mean) * inv_std
+
+
+class BatchLoader:
+    """Iterates (normalised images, labels) batches on `device`; reshuffles every epoch."""
+
+    def __init__(self, split: Split, batch_size: int, *, shuffle: bool, seed: int,
+                 transform: BatchTransform, device: torch.device, channels_last: bool,
+                 num_workers: int) -> None:
+        self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
+        self.transform, self.device, self.channels_last = transform, device, channels_last
+        self.num_workers = num_workers
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def _raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.split)
+        if self.split.images is not None:
+            order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
+            for i in range(0, n, self.batch_size):
+                idx = order[i:i + self.batch_size]
+                yield self.split.images[idx], self.split.labels[idx]  # type: ignore[index]
+        else:
+            loader = DataLoader(self.split.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+                                num_workers=self.num_workers, generator=self.gen,
+                                persistent_workers=False, pin_memory=self.device.type == "cuda")
+            yield from loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self._raw_batches():
+            x = x.to(self.device, non_blocking=True)
+            x = self.transform(x, self.gen if x.device.type == "cpu" else None)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True).long()
+
+
+# ------------------------------------------------------------------ readers
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[0:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {arr.size}")
+    return arr.reshape(dims)
+
+
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for candidate in (root / f"{stem}.gz", root / stem, root / "FashionMNIST" / "raw" / f"{stem}.gz",
+                      root / "FashionMNIST" / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_root(cfg: DataConfig) -> Path | None:
+    """The first directory that holds all four Fashion-MNIST files, or None."""
+    candidates = [cfg.root] if cfg.root is not None else [DEBIAN_FASHION_MNIST, Path("data/fashion-mnist")]
+    for root in candidates:
+        if all(_find_idx(root, s) for pair in FASHION_FILES.values() for s in pair):
+            return root
+    return None
+
+
+def _load_fashion_mnist(cfg: DataConfig) -> tuple[Split, Split]:
+    root = fashion_mnist_root(cfg)
+    if root is None and cfg.download:
+        from torchvision.datasets import FashionMNIST
+
+        target = cfg.root or Path("data/fashion-mnist")
+        FashionMNIST(str(target), train=True, download=True)
+        FashionMNIST(str(target), train=False, download=True)
+        root = target
+    if root is None:
+        where = str(cfg.root) if cfg.root else f"{DEBIAN_FASHION_MNIST} or data/fashion-mnist"
+        raise DataError(
+            f"Fashion-MNIST not found in {where}. On Debian/Ubuntu: "
+            "'sudo apt-get install dataset-fashion-mnist'; or set data.root to a directory with the "
+            "four IDX .gz files; or set data.download: true to fetch it with torchvision.")
+    splits = []
+    for images_stem, labels_stem in FASHION_FILES.values():
+        images = _read_idx(_find_idx(root, images_stem))  # type: ignore[arg-type]
+        labels = _read_idx(_find_idx(root, labels_stem))  # type: ignore[arg-type]
+        splits.append(Split(torch.from_numpy(images.copy()).unsqueeze(1),
+                            torch.from_numpy(labels.astype(np.int64))))
+    return splits[0], splits[1]
+
+
+def _load_cifar10(cfg: DataConfig) -> tuple[Split, Split]:
+    from torchvision.datasets import CIFAR10
+
+    root = cfg.root or Path("data/cifar10")
+    out = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(str(root), train=train, download=cfg.download)
+        except RuntimeError as err:
+            raise DataError(f"CIFAR-10 not found in {root} ({err}); set data.root to torchvision's "
+                            "CIFAR-10 directory or data.download: true") from None
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        out.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return out[0], out[1]
+
+
+def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)  # type: ignore[arg-type]
+    channels = cfg.channels or 3
+    tf = [transforms.Resize((cfg.image_size, cfg.image_size))]
+    tf.append(transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")))
+    tf.append(transforms.PILToTensor())
+    transform = transforms.Compose(tf)
+    splits = []
+    for name in ("train", "test"):
+        if not (root / name).is_dir():
+            raise DataError(f"imagefolder: {root / name} is not a directory (expected {root}/train/<class>/*.png "
+                            f"and {root}/test/<class>/*.png)")
+        try:
+            splits.append(ImageFolder(str(root / name), transform=transform))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise DataError(f"imagefolder: {root / name}: {err}") from None
+    train, test = splits
+    if train.classes != test.classes:
+        raise DataError(f"imagefolder: train classes {train.classes} differ from test classes {test.classes}")
+    return Split(dataset=train), Split(dataset=test), list(train.classes)
+
+
+def _make_synthetic(cfg: DataConfig) -> tuple[Split, Split]:
+    """Learnable synthetic images: a class template (smooth random pattern) plus noise."""
+    s = cfg.synthetic
+    gen = torch.Generator().manual_seed(s.seed)
+    coarse = torch.rand(s.num_classes, s.channels, 4, 4, generator=gen)
+    templates = torch.nn.functional.interpolate(coarse, size=(s.image_size, s.image_size),
+                                                mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> Split:
+        labels = torch.randint(0, s.num_classes, (n,), generator=gen)
+        noise = torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen) * 0.25
+        images = ((templates[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+        return Split(images, labels)
+
+    return draw(s.num_train), draw(s.num_test)
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Load the dataset and carve the val and calibration splits (deterministic for a seed)."""
+    names: list[str] | None = None
+    if cfg.dataset == "fashion-mnist":
+        train, test = _load_fashion_mnist(cfg)
+        names = FASHION_CLASSES
+    elif cfg.dataset == "cifar10":
+        train, test = _load_cifar10(cfg)
+        names = CIFAR10_CLASSES
+    elif cfg.dataset == "imagefolder":
+        train, test, names = _load_imagefolder(cfg)
+    else:
+        train, test = _make_synthetic(cfg)
+        names = [f"class_{i}" for i in range(cfg.synthetic.num_classes)]
+    if cfg.limit_train is not None and cfg.limit_train < len(train):
+        train = train.subset(torch.arange(cfg.limit_train))
+    if cfg.limit_test is not None and cfg.limit_test < len(test):
+        test = test.subset(torch.arange(cfg.limit_test))
+
+    sample, _ = (train.images[0], None) if train.images is not None else train.dataset[0]  # type: ignore[index]
+    in_channels, h, w = sample.shape
+    num_classes = len(names)
+    if cfg.class_names is not None:
+        if len(cfg.class_names) != num_classes:
+            raise DataError(f"data.class_names has {len(cfg.class_names)} names but the dataset has {num_classes} classes")
+        names = list(cfg.class_names)
+    mean, std = DEFAULT_NORM.get(cfg.dataset, ([0.5] * in_channels, [0.25] * in_channels))
+    mean = list(cfg.mean) if cfg.mean is not None else list(mean)
+    std = list(cfg.std) if cfg.std is not None else list(std)
+    if len(mean) != in_channels:
+        raise DataError(f"data.mean has {len(mean)} values but the images have {in_channels} channels")
+
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(len(train) * cfg.val_fraction))
+    if cfg.val_fraction > 0 and n_val == 0:
+        n_val = 1
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) == 0:
+        raise DataError("no training images left after carving the validation split")
+    calib_idx = train_idx[: min(cfg.calib_size, len(train_idx))]
+    # without a val split, model selection falls back to the training data's tail (never test)
+    val = train.subset(val_idx) if n_val else train.subset(train_idx[-min(len(train_idx), 1000):])
+    return DataBundle(
+        train=train.subset(train_idx), val=val, test=test, calib=train.subset(calib_idx),
+        num_classes=num_classes, in_channels=in_channels, image_size=(h, w), mean=mean, std=std,
+        class_names=names, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers, hflip=cfg.augment.hflip, crop_padding=cfg.augment.crop_padding,
+    )
+
+
+def check_data_available(cfg: DataConfig) -> str | None:
+    """Cheap pre-flight check; returns a problem message or None."""
+    if cfg.dataset == "fashion-mnist" and not cfg.download and fashion_mnist_root(cfg) is None:
+        where = str(cfg.root) if cfg.root else f"{DEBIAN_FASHION_MNIST} or data/fashion-mnist"
+        return (f"Fashion-MNIST not found in {where} (apt-get install dataset-fashion-mnist, "
+                "set data.root, or data.download: true)")
+    if cfg.dataset == "imagefolder":
+        for name in ("train", "test"):
+            if not (Path(cfg.root) / name).is_dir():  # type: ignore[arg-type]
+                return f"{Path(cfg.root) / name} is not a directory"  # type: ignore[arg-type]
+    if cfg.dataset == "cifar10" and not cfg.download:
+        root = cfg.root or Path("data/cifar10")
+        if not (root / "cifar-10-batches-py").is_dir():
+            return f"CIFAR-10 not found in {root} (set data.root or data.download: true)"
+    return None

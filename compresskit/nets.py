@@ -1,0 +1,326 @@
+"""Architectures and checkpoints.
+
+`build_model(spec)` turns a JSON-able spec into a module. The spec always carries `arch`,
+`num_classes` and `in_channels`, so a checkpoint that stores it beside the weights rebuilds the
+model with `torch.load(..., weights_only=True)` and nothing else.
+
+Architectures:
+- `resnet`: a ResNet (basic blocks) for small inputs: 3x3 stem with configurable stride, no max-pool.
+- `mobilenetv2`: MobileNetV2 for small inputs: width multiplier, stem stride, per-stage strides,
+  configurable head width.
+- `mobilenetv3`: torchvision's MobileNetV3 small/large, adapted to the input channels and stem stride.
+- `torchvision`: any torchvision classifier by name.
+- `custom`: a user's `module:callable`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "compresskit.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of `divisor`, never dropping below 90% of `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class ConvBNAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
+                 act: type[nn.Module] | None = nn.ReLU6) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if act is not None:
+            layers.append(act(inplace=True))
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual if shapes match."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = int(round(cin * expand))
+        self.use_residual = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(ConvBNAct(cin, hidden, k=1))
+        layers += [
+            ConvBNAct(hidden, hidden, k=3, stride=stride, groups=hidden),
+            ConvBNAct(hidden, cout, k=1, act=None),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+# (expansion, channels, repeats) per stage; strides come from the spec.
+MBV2_STAGES = ((1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 whose downsampling suits small images (28x28 to 64x64).
+
+    torchvision's version downsamples 32x; on 28x28 inputs that leaves 1x1 maps. Here the stem
+    stride and the stride of each of the 7 stages are part of the spec (default total stride 16).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0,
+                 stem_stride: int = 2, stage_strides: Sequence[int] = (1, 2, 2, 2, 1, 1, 1),
+                 last_channel: int = 1280, dropout: float = 0.0) -> None:
+        super().__init__()
+        if len(stage_strides) != len(MBV2_STAGES):
+            raise ValueError(f"stage_strides needs {len(MBV2_STAGES)} entries, got {len(stage_strides)}")
+        cin = make_divisible(32 * width_mult)
+        layers: list[nn.Module] = [ConvBNAct(in_channels, cin, stride=stem_stride)]
+        for (expand, channels, repeats), stride in zip(MBV2_STAGES, stage_strides, strict=True):
+            cout = make_divisible(channels * width_mult)
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        layers.append(ConvBNAct(cin, last_channel, k=1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with basic blocks for small inputs: 3x3 stem (no max-pool), stages of width
+    `width * 2**i`, stride 2 between stages."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, blocks: Sequence[int] = (2, 2, 2, 2),
+                 width: int = 64, stem_stride: int = 1) -> None:
+        super().__init__()
+        self.stem = ConvBNAct(in_channels, width, k=3, stride=stem_stride, act=nn.ReLU)
+        stages: list[nn.Module] = []
+        cin = width
+        for i, n in enumerate(blocks):
+            cout = width * 2**i
+            stage = [BasicBlock(cin, cout, 1 if i == 0 else 2)]
+            stage += [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*stage))
+            cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self)
+        for m in self.modules():  # zero-init the last BN of each block: a known stabiliser
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def _first_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attr, module
+    raise ValueError("model has no Conv2d layer to adapt to the input channels")
+
+
+def adapt_stem(model: nn.Module, in_channels: int, stem_stride: int | None = None) -> nn.Module:
+    """Replace the first conv when the input channels (or the wanted stem stride) differ."""
+    parent, attr, conv = _first_conv(model)
+    stride = conv.stride if stem_stride is None else (stem_stride, stem_stride)
+    if conv.in_channels == in_channels and tuple(conv.stride) == tuple(stride):
+        return model
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None)
+    if conv.in_channels == in_channels:
+        new.load_state_dict(conv.state_dict())
+    setattr(parent, attr, new)
+    return model
+
+
+def load_callable(target: str) -> Callable[..., Any]:
+    """Resolve 'package.module:callable'; a clear ValueError when it does not resolve."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:callable', got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for {target!r}: {err}") from err
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{target!r} is not callable")
+    return obj
+
+
+def _call_with_supported(fn: Callable[..., Any], kwargs: dict[str, Any], **optional: Any) -> Any:
+    """Call fn(**kwargs, **optional) passing optional args only if fn accepts them."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    extra = {k: v for k, v in optional.items() if takes_any or k in params}
+    return fn(**kwargs, **extra)
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """Build a model from its spec (see module doc). `num_classes` and `in_channels` are required."""
+    arch = spec.get("arch")
+    num_classes = int(spec["num_classes"])
+    in_channels = int(spec["in_channels"])
+    if arch == "mobilenetv2":
+        return MobileNetV2(num_classes, in_channels, spec.get("width_mult", 1.0),
+                           spec.get("stem_stride", 2), tuple(spec.get("stage_strides", (1, 2, 2, 2, 1, 1, 1))),
+                           spec.get("last_channel", 1280), spec.get("dropout", 0.0))
+    if arch == "resnet":
+        return ResNet(num_classes, in_channels, tuple(spec.get("blocks", (2, 2, 2, 2))),
+                      spec.get("width", 64), spec.get("stem_stride", 1))
+    if arch == "mobilenetv3":
+        from torchvision import models as tvm
+
+        size = spec.get("size", "small")
+        factory = tvm.mobilenet_v3_small if size == "small" else tvm.mobilenet_v3_large
+        model = factory(num_classes=num_classes, width_mult=spec.get("width_mult", 1.0),
+                        dropout=spec.get("dropout", 0.2))
+        return adapt_stem(model, in_channels, spec.get("stem_stride"))
+    if arch == "torchvision":
+        from torchvision import models as tvm
+
+        name = spec["name"]
+        if name not in tvm.list_models(module=tvm):
+            raise ValueError(f"unknown torchvision classifier {name!r}")
+        model = tvm.get_model(name, weights=None, num_classes=num_classes, **spec.get("kwargs", {}))
+        return adapt_stem(model, in_channels, spec.get("stem_stride"))
+    if arch == "custom":
+        fn = load_callable(spec["factory"])
+        model = _call_with_supported(fn, dict(spec.get("kwargs", {})),
+                                     num_classes=num_classes, in_channels=in_channels)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, model: nn.Module, spec: dict[str, Any], *,
+                    pruning: dict[str, Any] | None = None, qat: dict[str, Any] | None = None,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Save weights with the spec (and pruning / QAT state) that rebuild the model, atomically."""
+    from compresskit.artifacts import atomic_path
+
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "spec": spec,
+        "pruning": pruning,
+        "qat": qat,
+        "meta": meta or {},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file with weights_only=True. Plain state dicts are wrapped as
+    `{"state_dict": ...}` (also `{"model": ...}` / `{"state_dict": ...}` layouts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return {"state_dict": obj[key], "spec": None}
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {"state_dict": obj, "spec": None}
+    raise ValueError(f"{path} is neither a compresskit checkpoint nor a state dict")
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], spec: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the model a checkpoint describes (pruned and QAT ones too) and load its weights."""
+    spec = ckpt.get("spec") or spec
+    if spec is None:
+        raise ValueError("checkpoint has no architecture spec and none was given")
+    model = build_model(spec)
+    if ckpt.get("pruning"):
+        from compresskit.prune import rebuild_pruned
+
+        model = rebuild_pruned(model, ckpt["pruning"])
+    if ckpt.get("qat"):
+        from compresskit.quantize.qat import rebuild_qat
+
+        model = rebuild_qat(model, ckpt["qat"])
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not fit the architecture {spec.get('arch')!r}: "
+            f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+    return model

@@ -1,0 +1,215 @@
+"""Runs the stages in order, skips the ones that are up to date, records lineage.
+
+Each stage reads the artifacts of the stages before it from `models/<run>/<stage>/`, writes its
+own there atomically, and leaves `stage.json` (config hash, input/output sha256, versions, wall
+time) and `metrics.json`. A stage is skipped when its config hash and input hashes match its
+record and its outputs are intact. `preflight` checks everything that can be checked before any
+file is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compresskit.artifacts import (
+    RunLayout,
+    config_hash,
+    read_metrics,
+    read_stage_record,
+    stage_up_to_date,
+    write_metrics,
+    write_stage_record,
+)
+from compresskit.config import STAGES, ConfigError, PipelineConfig
+
+
+class StageError(Exception):
+    """A stage failed for a reason the user can act on."""
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # ran | cached | skipped
+    wall_s: float = 0.0
+    summary: str = ""
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    cfg: PipelineConfig
+    layout: RunLayout
+    log: Callable[[str], None]
+    quiet: bool = False
+    _data: Any = None
+    _device: Any = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            from compresskit.data import load_data
+
+            self._data = load_data(self.cfg.data, seed=self.cfg.seed)
+        return self._data
+
+    @property
+    def device(self):
+        if self._device is None:
+            from compresskit.train import resolve_device
+
+            self._device = resolve_device(self.cfg.device)
+        return self._device
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.layout.stage_dir(stage)
+
+
+# ------------------------------------------------------------------ preflight
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check inputs that exist outside the config (files, data, module paths) before writing."""
+    from compresskit.data import check_data_available
+
+    problems: list[tuple[str, str]] = []
+    msg = check_data_available(cfg.data)
+    if msg:
+        problems.append(("data", msg))
+    ckpt = cfg.teacher.checkpoint
+    if ckpt is not None and not Path(ckpt).is_file():
+        problems.append(("teacher.checkpoint", f"file not found: {ckpt}"))
+    if not problems:
+        problems += _check_models(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
+    """Build teacher and student once (cheap) to check factories and feature-tap paths."""
+    from compresskit.nets import build_model
+
+    channels, classes = _shape_hint(cfg)
+    problems: list[tuple[str, str]] = []
+    built = {}
+    for key, spec in (("teacher.model", cfg.teacher.model), ("distill.student", cfg.distill.student)):
+        try:
+            built[key] = build_model(spec.model_dump(mode="json") | {"num_classes": classes, "in_channels": channels})
+        except (ValueError, TypeError, KeyError, ImportError) as err:
+            problems.append((key, str(err)))
+    loss_lists = [("distill.loss", cfg.distill.loss), ("prune.finetune.loss", cfg.prune.finetune.loss),
+                  ("quantize.qat.loss", cfg.quantize.qat.loss)]
+    for where, terms in loss_lists:
+        for i, term in enumerate(terms):
+            for side, key in (("student", "distill.student"), ("teacher", "teacher.model")):
+                path = getattr(term, side, None)
+                if path is None or key not in built:
+                    continue
+                if where == "quantize.qat.loss" and side == "teacher":
+                    key = "distill.student"  # QAT's teacher is the float student
+                names = dict(built[key].named_modules())
+                if path not in names:
+                    near = [n for n in names if n and n.split(".")[0] == path.split(".")[0]][:8]
+                    problems.append((f"{where}.{i}.{side}",
+                                     f"no module {path!r} in the {side} model"
+                                     + (f" (e.g. {', '.join(near)})" if near else "")))
+    return problems
+
+
+def _shape_hint(cfg: PipelineConfig) -> tuple[int, int]:
+    d = cfg.data
+    if d.dataset == "synthetic":
+        return d.synthetic.channels, d.synthetic.num_classes
+    if d.dataset == "fashion-mnist":
+        return 1, 10
+    if d.dataset == "cifar10":
+        return 3, 10
+    return d.channels or 3, len(d.class_names) if d.class_names else 2
+
+
+# ------------------------------------------------------------------ runner
+
+def _stage_list(from_stage: str | None, until: str | None) -> list[str]:
+    for name in (from_stage, until):
+        if name is not None and name not in STAGES:
+            raise ConfigError([("--from/--until", f"unknown stage {name!r}; stages: {', '.join(STAGES)}")])
+    return list(STAGES)
+
+
+def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_stage: str | None = None,
+                 until: str | None = None, quiet: bool = False,
+                 log: Callable[[str], None] = print) -> tuple[list[StageOutcome], dict[str, Any] | None]:
+    """Run every stage (or up to `until`); returns the outcomes and the report (None if not reached)."""
+    from compresskit import stages as st
+
+    order = _stage_list(from_stage, until)
+    force = set(force or ())
+    bad = force - set(STAGES)
+    if bad:
+        raise ConfigError([("--force", f"unknown stage(s) {sorted(bad)}; stages: {', '.join(STAGES)}")])
+    if from_stage:
+        force |= set(order[order.index(from_stage):])
+    preflight(cfg)
+    _seed_everything(cfg)
+    layout = RunLayout(Path(cfg.models_dir), Path(cfg.reports_dir), cfg.name)
+    ctx = RunContext(cfg=cfg, layout=layout, log=log, quiet=quiet)
+    funcs = {"teacher": st.teacher, "distill": st.distill, "prune": st.prune, "quantize": st.quantize,
+             "export": st.export, "bench": st.bench, "report": st.report}
+    outcomes: list[StageOutcome] = []
+    report = None
+    for name in order:
+        outcome = _run_stage(ctx, name, funcs[name], force=name in force, outcomes=outcomes)
+        outcomes.append(outcome)
+        if name == "report":
+            report = outcome.metrics.get("report")
+        if until and name == until:
+            break
+    return outcomes, report
+
+
+def _seed_everything(cfg: PipelineConfig) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def _run_stage(ctx: RunContext, name: str, fn, *, force: bool, outcomes: list[StageOutcome]) -> StageOutcome:
+    """Plan the stage (hash + inputs), reuse it when up to date, else run and record it."""
+    plan = fn.plan(ctx)  # -> (config dict, inputs dict) or None when the stage is disabled
+    stage_dir = ctx.stage_dir(name)
+    if plan is None:
+        return StageOutcome(name, "skipped", summary="disabled")
+    conf, inputs = plan
+    chash = config_hash({"stage": name, "config": conf, "code": STAGE_CODE_VERSION})
+    if not force and stage_up_to_date(stage_dir, chash, inputs):
+        record = read_stage_record(stage_dir) or {}
+        metrics = read_metrics(stage_dir) or {}
+        ctx.log(f"[{name}] up to date, skipped")
+        return StageOutcome(name, "cached", record.get("wall_s", 0.0), metrics.get("summary", ""),
+                            metrics=metrics)
+    ctx.layout.ensure_stage_dir(name)
+    ctx.log(f"[{name}] running")
+    t0 = time.perf_counter()
+    outputs, metrics = fn.run(ctx)
+    wall = time.perf_counter() - t0
+    metrics["wall_s"] = wall
+    write_metrics(stage_dir, metrics)
+    write_stage_record(stage_dir, stage=name, config_hash=chash, inputs=inputs, outputs=outputs,
+                       wall_s=wall, extra={"summary": metrics.get("summary", "")})
+    ctx.log(f"[{name}] done in {wall:.1f}s: {metrics.get('summary', '')}")
+    return StageOutcome(name, "ran", wall, metrics.get("summary", ""), outputs, metrics)
+
+
+# Bump when a stage's behaviour changes, so old artifacts are not reused.
+STAGE_CODE_VERSION = 1

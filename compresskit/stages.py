@@ -1,0 +1,447 @@
+"""The pipeline's stages: each has `plan(ctx)` (the config it depends on and its input files,
+or None when disabled) and `run(ctx)` (does the work, returns output files and metrics).
+
+Stages only glue: the work is done by library functions (train.fit, distill.build_objective,
+prune.prune_structured, quantize.ptq.quantize_ptq, quantize.qat.prepare_qat, export.export_onnx,
+bench.bench_model, report.build_report) that a user can call from their own script.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from compresskit.pipeline import RunContext, StageError
+
+Plan = tuple[dict[str, Any], dict[str, Path]] | None
+Result = tuple[dict[str, Path], dict[str, Any]]
+
+
+def _dump(model) -> Any:
+    return model.model_dump(mode="json") if hasattr(model, "model_dump") else model
+
+
+def _data_key(ctx: RunContext) -> dict[str, Any]:
+    d = ctx.cfg.data.model_dump(mode="json")
+    for k in ("eval_batch_size", "num_workers"):  # do not change results
+        d.pop(k, None)
+    return {"data": d, "seed": ctx.cfg.seed}
+
+
+def _spec(ctx: RunContext, model_spec) -> dict[str, Any]:
+    return model_spec.model_dump(mode="json") | {"num_classes": ctx.data.num_classes,
+                                                 "in_channels": ctx.data.in_channels}
+
+
+def _evaluate(ctx: RunContext, model, split: str) -> float:
+    from compresskit.train import evaluate
+
+    model.to(ctx.device)
+    return evaluate(model, ctx.data.loader(split, device=ctx.device))["accuracy"]
+
+
+def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: str, **kw):
+    from compresskit.distill.objective import build_objective
+    from compresskit.train import fit
+
+    objective = build_objective([_dump(t) for t in terms], student=model, teacher=teacher,
+                                example_input=ctx.data.example_input(2))
+    try:
+        result = fit(model, objective, ctx.data, train_cfg, device=ctx.device, seed=ctx.cfg.seed,
+                     desc=desc, resume_file=ctx.stage_dir(stage) / f"resume-{desc}.pt",
+                     resume_key=ctx.layout.run_dir.name + str(_dump(train_cfg)) + str([_dump(t) for t in terms]),
+                     quiet=ctx.quiet, log=ctx.log, **kw)
+    finally:
+        objective.close()
+    return result
+
+
+def _load(path: Path):
+    from compresskit.nets import model_from_checkpoint, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt), ckpt
+
+
+def _float_model_path(ctx: RunContext) -> Path:
+    """The model the quantize stage starts from: pruned if pruning ran, else the student."""
+    if ctx.cfg.prune.enabled:
+        return ctx.stage_dir("prune") / "model.pt"
+    return ctx.stage_dir("distill") / "model.pt"
+
+
+def _cleanup_resume(stage_dir: Path) -> None:
+    for f in stage_dir.glob("resume-*.pt"):
+        f.unlink()
+
+
+# ------------------------------------------------------------------ teacher
+
+class teacher:  # noqa: N801 - a stage is named like its YAML key
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        conf = {"teacher": _dump(ctx.cfg.teacher), "device": ctx.cfg.device} | _data_key(ctx)
+        inputs = {"checkpoint": Path(ctx.cfg.teacher.checkpoint)} if ctx.cfg.teacher.checkpoint else {}
+        return conf, inputs
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        from compresskit.nets import build_model, count_params, model_from_checkpoint, read_checkpoint, save_checkpoint
+
+        cfg = ctx.cfg.teacher
+        out = ctx.stage_dir("teacher") / "model.pt"
+        spec = _spec(ctx, cfg.model)
+        metrics: dict[str, Any] = {}
+        if cfg.checkpoint is not None:
+            ckpt = read_checkpoint(Path(cfg.checkpoint))
+            try:
+                model = model_from_checkpoint(ckpt, spec)
+            except (ValueError, RuntimeError) as err:
+                raise StageError(f"teacher.checkpoint {cfg.checkpoint}: {err}") from None
+            spec = ckpt.get("spec") or spec
+            pruning, qat = ckpt.get("pruning"), ckpt.get("qat")
+            metrics["loaded_from"] = str(cfg.checkpoint)
+        else:
+            model = build_model(spec)
+            res = _fit(ctx, model, None, [{"method": "ce", "weight": 1.0,
+                                           "label_smoothing": cfg.train.label_smoothing}],
+                       cfg.train, "teacher", "teacher")
+            metrics["fit"] = res.to_json()
+            pruning, qat = None, None
+        metrics["val_accuracy"] = _evaluate(ctx, model, "val")
+        metrics["test_accuracy"] = _evaluate(ctx, model, "test")
+        metrics["params"] = count_params(model)
+        save_checkpoint(out, model.cpu(), spec, pruning=pruning, qat=qat,
+                        meta={"stage": "teacher", "test_accuracy": metrics["test_accuracy"]})
+        _cleanup_resume(out.parent)
+        metrics["summary"] = f"test {metrics['test_accuracy']:.2%}, {metrics['params'] / 1e6:.2f}M params"
+        return {"model": out}, metrics
+
+
+# ------------------------------------------------------------------ distill
+
+class distill:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        conf = {"distill": _dump(ctx.cfg.distill), "device": ctx.cfg.device} | _data_key(ctx)
+        return conf, {"teacher": ctx.stage_dir("teacher") / "model.pt"}
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        from compresskit.nets import build_model, count_params, save_checkpoint
+
+        cfg = ctx.cfg.distill
+        stage_dir = ctx.stage_dir("distill")
+        teacher_model, _ = _load(ctx.stage_dir("teacher") / "model.pt")
+        spec = _spec(ctx, cfg.student)
+        outputs: dict[str, Path] = {}
+        metrics: dict[str, Any] = {}
+        runs = [("student", cfg.loss)]
+        if cfg.baseline:
+            runs.append(("baseline", [{"method": "ce", "weight": 1.0,
+                                       "label_smoothing": cfg.train.label_smoothing}]))
+        for name, terms in runs:
+            model = build_model(spec)
+            uses_teacher = any(_dump(t)["method"] != "ce" for t in terms)
+            res = _fit(ctx, model, teacher_model if uses_teacher and cfg.enabled else None, terms,
+                       cfg.train, "distill", name)
+            test_acc = _evaluate(ctx, model, "test")
+            path = stage_dir / ("model.pt" if name == "student" else "baseline.pt")
+            save_checkpoint(path, model.cpu(), spec, meta={"stage": "distill", "test_accuracy": test_acc})
+            outputs[name] = path
+            metrics[name] = {"fit": res.to_json(), "val_accuracy": res.best_val_accuracy,
+                             "test_accuracy": test_acc, "params": count_params(model)}
+        _cleanup_resume(stage_dir)
+        s = metrics["student"]
+        summary = f"student test {s['test_accuracy']:.2%}, {s['params'] / 1e6:.3f}M params"
+        if "baseline" in metrics:
+            summary += f" (no-KD baseline {metrics['baseline']['test_accuracy']:.2%})"
+        metrics["summary"] = summary
+        return outputs, metrics
+
+
+# ------------------------------------------------------------------ prune
+
+class prune:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        if not ctx.cfg.prune.enabled:
+            return None
+        conf = {"prune": _dump(ctx.cfg.prune), "device": ctx.cfg.device} | _data_key(ctx)
+        return conf, {"student": ctx.stage_dir("distill") / "model.pt",
+                      "teacher": ctx.stage_dir("teacher") / "model.pt"}
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        import torch
+
+        from compresskit import prune as pr
+        from compresskit.nets import save_checkpoint
+
+        cfg = ctx.cfg.prune
+        stage_dir = ctx.stage_dir("prune")
+        student, ckpt = _load(ctx.stage_dir("distill") / "model.pt")
+        teacher_model, _ = _load(ctx.stage_dir("teacher") / "model.pt")
+        example = ctx.data.example_input(1)
+        p = cfg.pruner
+        if p.method == "structured":
+            taylor_batches = None
+            if p.importance == "taylor":
+                loader = ctx.data.loader("calib", batch_size=64)
+                taylor_batches = [batch for _, batch in zip(range(4), loader, strict=False)]
+            try:
+                result = pr.prune_structured(
+                    student, example, importance=p.importance, ratio=p.ratio,
+                    global_pruning=p.global_pruning, iterative_steps=p.iterative_steps,
+                    round_to=p.round_to, ignored_layers=p.ignored_layers,
+                    taylor_batches=taylor_batches,
+                    loss_fn=torch.nn.functional.cross_entropy)
+            except ValueError as err:
+                raise StageError(f"prune: {err}") from None
+        else:
+            result = pr.prune_magnitude(student, sparsity=p.sparsity)
+        model = result.model
+        val_before = _evaluate(ctx, model, "val")
+        res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune")
+        pruning_state = None
+        if p.method == "magnitude":
+            model = pr.finalize_magnitude(model)
+        else:
+            pruning_state = pr.pruning_state(model)
+        test_acc = _evaluate(ctx, model, "test")
+        out = stage_dir / "model.pt"
+        save_checkpoint(out, model.cpu(), ckpt["spec"], pruning=pruning_state,
+                        meta={"stage": "prune", "test_accuracy": test_acc})
+        _cleanup_resume(stage_dir)
+        info = result.to_json()
+        info.pop("model", None)
+        metrics = {"prune": info, "val_accuracy_before_finetune": val_before, "fit": res.to_json(),
+                   "val_accuracy": res.best_val_accuracy, "test_accuracy": test_acc}
+        if p.method == "structured":
+            metrics["summary"] = (f"MACs {info['macs_before'] / 1e6:.2f}M -> {info['macs_after'] / 1e6:.2f}M, "
+                                  f"params {info['params_before'] / 1e3:.0f}k -> {info['params_after'] / 1e3:.0f}k, "
+                                  f"test {test_acc:.2%}")
+        else:
+            metrics["summary"] = f"sparsity {info['sparsity']:.1%} (dense kernels: no speed-up), test {test_acc:.2%}"
+        return {"model": out}, metrics
+
+
+# ------------------------------------------------------------------ quantize
+
+class quantize:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        q = ctx.cfg.quantize
+        if not (q.ptq.enabled or q.qat.enabled):
+            return None
+        conf = {"quantize": _dump(q), "export_opset": ctx.cfg.export.opset, "device": ctx.cfg.device} | _data_key(ctx)
+        return conf, {"float": _float_model_path(ctx)}
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        import numpy as np
+
+        from compresskit.export import export_onnx
+        from compresskit.nets import save_checkpoint
+        from compresskit.quantize import ptq, qat
+
+        q = ctx.cfg.quantize
+        stage_dir = ctx.stage_dir("quantize")
+        float_model, ckpt = _load(_float_model_path(ctx))
+        float_model.eval()
+        example = ctx.data.example_input(1)
+        outputs: dict[str, Path] = {}
+        metrics: dict[str, Any] = {}
+        calib_x, _ = ctx.data.numpy_split("calib")
+        if q.ptq.enabled:
+            fp32 = export_onnx(float_model, stage_dir / "float.onnx", example, opset=ctx.cfg.export.opset)
+            info = ptq.quantize_ptq(
+                fp32, stage_dir / "ptq.onnx", calib_x.astype(np.float32),
+                activation_type=q.ptq.activation_type, weight_type=q.ptq.weight_type,
+                per_channel=q.ptq.per_channel, calibrate_method=q.ptq.calibrate_method,
+                percentile=q.ptq.percentile, reduce_range=q.ptq.reduce_range,
+                nodes_to_exclude=q.ptq.nodes_to_exclude)
+            outputs["ptq"] = stage_dir / "ptq.onnx"
+            metrics["ptq"] = info
+        if q.qat.enabled:
+            import torch
+
+            observer = [torch.from_numpy(calib_x[i:i + 64]) for i in range(0, min(len(calib_x), 256), 64)]
+            qmodel = qat.prepare_qat(float_model, example, per_channel=q.qat.per_channel,
+                                     activation_dtype=q.qat.activation_type, observer_batches=observer)
+            res = _fit(ctx, qmodel, float_model, q.qat.loss, q.qat.train, "quantize", "qat",
+                       epoch_callback=qat.epoch_callback(q.qat.train.epochs)
+                       if hasattr(qat, "epoch_callback") else None)
+            test_acc = _evaluate(ctx, qmodel, "test")
+            out = stage_dir / "qat.pt"
+            save_checkpoint(out, qmodel.cpu(), ckpt["spec"], pruning=ckpt.get("pruning"),
+                            qat=qat.qat_state(qmodel), meta={"stage": "quantize", "test_accuracy": test_acc})
+            outputs["qat"] = out
+            metrics["qat"] = {"fit": res.to_json(), "val_accuracy": res.best_val_accuracy,
+                              "test_accuracy_torch": test_acc}
+        _cleanup_resume(stage_dir)
+        parts = []
+        if "ptq" in metrics:
+            parts.append(f"PTQ {q.ptq.activation_type[0].upper()}8{q.ptq.weight_type[0].upper()}8")
+        if "qat" in metrics:
+            parts.append(f"QAT test {metrics['qat']['test_accuracy_torch']:.2%} (fake-quant, torch)")
+        metrics["summary"] = ", ".join(parts)
+        return outputs, metrics
+
+
+# ------------------------------------------------------------------ export
+
+def _export_sources(ctx: RunContext) -> dict[str, Path]:
+    """Name -> torch checkpoint of every model the run exports."""
+    src = {"teacher": ctx.stage_dir("teacher") / "model.pt",
+           "student": ctx.stage_dir("distill") / "model.pt"}
+    if ctx.cfg.distill.baseline:
+        src["student_baseline"] = ctx.stage_dir("distill") / "baseline.pt"
+    if ctx.cfg.prune.enabled:
+        src["pruned"] = ctx.stage_dir("prune") / "model.pt"
+    if ctx.cfg.quantize.qat.enabled:
+        src["qat"] = ctx.stage_dir("quantize") / "qat.pt"
+    return src
+
+
+class export:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        inputs = dict(_export_sources(ctx))
+        if ctx.cfg.quantize.ptq.enabled:
+            inputs["ptq"] = ctx.stage_dir("quantize") / "ptq.onnx"
+        conf = {"export": _dump(ctx.cfg.export)} | _data_key(ctx)
+        return conf, inputs
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        import torch
+
+        from compresskit import export as ex
+        from compresskit.quantize import qat
+
+        cfg = ctx.cfg.export
+        stage_dir = ctx.stage_dir("export")
+        data = ctx.data
+        meta = ex.preprocess_metadata(data.mean, data.std, channels=data.in_channels,
+                                      size=list(data.image_size)) | ex.labels_metadata(data.class_names)
+        x_np, _ = data.numpy_split("test", limit=cfg.parity_samples)
+        x = torch.from_numpy(x_np)
+        example = data.example_input(1)
+        outputs: dict[str, Path] = {}
+        parity: dict[str, Any] = {}
+        float_models = {}
+        for name, src in _export_sources(ctx).items():
+            model, _ = _load(src)
+            model.eval()
+            path = stage_dir / f"{name}.onnx"
+            if name == "qat":
+                qat.export_qat_onnx(model, path, example, opset=cfg.opset, metadata=meta)
+            else:
+                ex.export_onnx(model, path, example, opset=cfg.opset, metadata=meta)
+                float_models[name] = model
+            parity[name] = ex.parity_check(model, path, x)
+            if name != "qat" and parity[name]["max_abs_diff"] > cfg.max_abs_diff:
+                raise StageError(f"export: {name}.onnx differs from PyTorch by "
+                                 f"{parity[name]['max_abs_diff']:.2e} > export.max_abs_diff={cfg.max_abs_diff}")
+            outputs[name] = path
+        if ctx.cfg.quantize.ptq.enabled:
+            path = stage_dir / "ptq.onnx"
+            shutil.copyfile(ctx.stage_dir("quantize") / "ptq.onnx", path)
+            ex.write_metadata(path, meta)
+            ref = float_models.get("pruned", float_models["student"])
+            parity["ptq"] = ex.parity_check(ref, path, x)
+            outputs["ptq"] = path
+        if cfg.ort_format:
+            for name in list(outputs):
+                outputs[f"{name}_ort"] = ex.export_ort_format(outputs[name], stage_dir)
+        worst = max((p["max_abs_diff"] for n, p in parity.items() if n in float_models), default=0.0)
+        metrics = {"parity": parity, "summary": f"{len([o for o in outputs if not o.endswith('_ort')])} "
+                   f"ONNX models, FP32 max |diff| {worst:.1e}"}
+        return outputs, metrics
+
+
+# ------------------------------------------------------------------ bench
+
+MODEL_ORDER = ("teacher", "student_baseline", "student", "pruned", "ptq", "qat")
+
+
+def _exported(ctx: RunContext) -> dict[str, Path]:
+    d = ctx.stage_dir("export")
+    return {n: d / f"{n}.onnx" for n in MODEL_ORDER if (d / f"{n}.onnx").is_file()}
+
+
+class bench:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        conf = {"bench": _dump(ctx.cfg.bench)} | _data_key(ctx)
+        return conf, _exported(ctx)
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        from compresskit.bench import bench_model
+
+        cfg = ctx.cfg.bench
+        x, y = ctx.data.numpy_split("test") if cfg.accuracy else (None, None)
+        rows = {}
+        for name, path in _exported(ctx).items():
+            ctx.log(f"[bench] {name}")
+            rows[name] = bench_model(path, batch_sizes=tuple(cfg.batch_sizes), threads=tuple(cfg.threads),
+                                     warmup=cfg.warmup, min_runs=cfg.min_runs, max_seconds=cfg.max_seconds,
+                                     x=x, y=y, quiet=ctx.quiet)
+        metrics = {"models": rows, "summary": ", ".join(
+            f"{n} {r['accuracy']:.2%}" if r.get("accuracy") is not None else n for n, r in rows.items())}
+        return {}, metrics
+
+
+# ------------------------------------------------------------------ report
+
+STAGE_OF = {"teacher": "teacher", "student": "distill", "student_baseline": "distill",
+            "pruned": "prune", "ptq": "quantize", "qat": "quantize"}
+
+
+class report:  # noqa: N801
+    @staticmethod
+    def plan(ctx: RunContext) -> Plan:
+        conf = {"budgets": _dump(ctx.cfg.budgets), "bench": _dump(ctx.cfg.bench)}
+        inputs = {f"{s}_metrics": ctx.stage_dir(s) / "metrics.json"
+                  for s in ("teacher", "distill", "prune", "quantize", "export", "bench")
+                  if (ctx.stage_dir(s) / "metrics.json").is_file()}
+        return conf, inputs
+
+    @staticmethod
+    def run(ctx: RunContext) -> Result:
+        from compresskit import budget as bg
+        from compresskit import report as rp
+        from compresskit.artifacts import read_metrics
+        from compresskit.envinfo import environment
+
+        bench_m = read_metrics(ctx.stage_dir("bench")) or {}
+        stage_metrics = {s: read_metrics(ctx.stage_dir(s)) or {}
+                         for s in ("teacher", "distill", "prune", "quantize", "export", "bench")}
+        rows = []
+        for name, row in bench_m.get("models", {}).items():
+            stage = STAGE_OF.get(name, name)
+            row = dict(row)
+            row.update(name=name, stage=stage, precision="int8" if name in ("ptq", "qat") else "fp32",
+                       path=f"export/{name}.onnx", stage_wall_s=stage_metrics.get(stage, {}).get("wall_s"))
+            rows.append(row)
+        candidates = [n for n in ("qat", "ptq") if any(r["name"] == n for r in rows)] \
+            or [n for n in ("pruned", "student") if any(r["name"] == n for r in rows)][:1]
+        budgets = _dump(ctx.cfg.budgets)
+        if budgets.get("latency_threads") is None:
+            budgets["latency_threads"] = ctx.cfg.bench.threads[0]
+        reference = budgets.pop("reference_model")
+        if not any(r["name"] == reference for r in rows):
+            reference = "student"
+        verdict = bg.select_and_verdict(rows, candidates, budgets, reference_model=reference)
+        stages = [{"name": s, "wall_s": stage_metrics.get(s, {}).get("wall_s"), "summary":
+                   stage_metrics.get(s, {}).get("summary", "")} for s in stage_metrics]
+        rep = rp.build_report(run=ctx.cfg.name, config=ctx.cfg.model_dump(mode="json"), rows=rows,
+                              verdict=verdict, environment=environment(), stages=stages)
+        json_path, md_path = rp.write_report(ctx.layout.report_dir, rep)
+        metrics = {"verdict": verdict, "report_json": str(json_path), "report_md": str(md_path),
+                   "summary": f"{'PASS' if verdict['passed'] else 'FAIL'}: deploy {verdict.get('model')}",
+                   "report": rep}
+        return {"report_json": json_path, "report_md": md_path}, metrics
