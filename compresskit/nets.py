@@ -318,7 +318,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], spec: dict[str, Any] | None = No
         from compresskit.quantize.qat import rebuild_qat
 
         model = rebuild_qat(model, ckpt["qat"])
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).split("\n\t")[1:3]
+        raise ValueError(f"checkpoint does not fit the architecture {spec.get('arch')!r}: "
+                         + "; ".join(first)) from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not fit the architecture {spec.get('arch')!r}: "

@@ -206,6 +206,9 @@ def test_taps_unknown_path_names_it_and_suggests_neighbours(nets) -> None:
         FeatureTaps(student, ["stage2.7"])
     with pytest.raises(ValueError, match=r"'layer3'.*stage1.*fc"):
         FeatureTaps(student, ["layer3"])
+    many = nn.Sequential(*[nn.Identity() for _ in range(20)])
+    with pytest.raises(ValueError, match=r"'30'.*: 0, 1, 2, 3, 4, \.\.\., 18, 19 \("):
+        FeatureTaps(many, ["30"])
     with pytest.raises(ValueError, match="fc.weight"):
         FeatureTaps(student, ["fc.weight"])
     assert _hook_count(student) == 0
@@ -362,7 +365,7 @@ def test_channels_last_and_autocast(nets, batch) -> None:
     ("terms", "pattern"),
     [
         ([{"method": "dkd", "weight": 1.0}], r"unknown method 'dkd'.*ce, kd, fitnet, at"),
-        ([{"weight": 1.0}], r"unknown method None"),
+        ([{"weight": 1.0}], r"terms\[0\] has no 'method'"),
         ([{"method": "kd", "weight": 1.0, "temp": 2}], r"unknown option.*'temp'.*temperature"),
         ([{"method": "fitnet", "weight": 1.0, "student": "stage1"}], r"missing.*'teacher'"),
         ([{"method": "kd", "weight": -1.0}], r"kd.weight must be >= 0"),

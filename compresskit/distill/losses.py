@@ -191,6 +191,9 @@ class Term(nn.Module):
     def setup(self, sample: TermInputs) -> None:
         """Check shapes on a dry-run sample and create adapters; raise ValueError if unusable."""
 
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}"
+
     def forward(self, inputs: TermInputs) -> Tensor:
         raise NotImplementedError
 
@@ -263,6 +266,9 @@ class _PairTerm(Term):
 
     def teacher_paths(self) -> list[str]:
         return [self.teacher]
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, student={self.student!r}, teacher={self.teacher!r}"
 
     def pair(self, inputs: TermInputs) -> tuple[Tensor, Tensor]:
         """The (student, teacher) features this term compares."""

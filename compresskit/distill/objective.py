@@ -234,6 +234,8 @@ def _make_term(index: int, spec: object) -> Term:
         raise ValueError(f"terms[{index}] must be a mapping, got {type(spec).__name__}")
     options = {k: v for k, v in spec.items() if v is not None}
     method = options.pop("method", None)
+    if method is None:
+        raise ValueError(f"terms[{index}] has no 'method'; known methods: {', '.join(TERMS)}")
     if not isinstance(method, str) or method not in TERMS:
         raise ValueError(
             f"terms[{index}]: unknown method {method!r}; known methods: {', '.join(TERMS)}"

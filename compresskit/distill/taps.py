@@ -46,8 +46,15 @@ def _suggestions(model: nn.Module, path: str) -> list[str]:
         if prefix:
             near = [n for n in near if n.startswith(prefix + ".")]
         if near:
-            return near[:_MAX_SUGGESTIONS]
-    return names[:_MAX_SUGGESTIONS]
+            return _shorten(near)
+    return _shorten(names)
+
+
+def _shorten(names: list[str]) -> list[str]:
+    """At most `_MAX_SUGGESTIONS` names: the first ones, an ellipsis, the last two."""
+    if len(names) <= _MAX_SUGGESTIONS:
+        return names
+    return [*names[: _MAX_SUGGESTIONS - 3], "...", *names[-2:]]
 
 
 def resolve_module(model: nn.Module, path: str, *, what: str = "model") -> nn.Module:
