@@ -101,7 +101,9 @@ def _temp_in(path: Path) -> Path:
     for ``.txtpb``), and the same directory makes ``os.replace`` an atomic rename.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     return Path(tmp)
 

@@ -93,7 +93,9 @@ def _cost_checks(row: Mapping, b: Mapping) -> list[dict]:
         limit = b["max_latency_ms"]
         batch, threads = b["latency_batch_size"], b["latency_threads"]
         entry = find_latency(row, batch, threads)
-        where = f"batch {batch}, {'first thread setting' if threads is None else threads} threads"
+        where = f"batch {batch}, " + (
+            "first thread setting" if threads is None else f"{threads} thread(s)"
+        )
         if entry is None:
             checks.append(
                 _check("max_latency_ms", limit, None, False, f"no latency measured at {where}")
@@ -206,7 +208,8 @@ def select_and_verdict(
     }
 
 
-def _format_value(budget: str, value) -> str:
+def format_budget_value(budget: str, value) -> str:
+    """A budget's limit or measured value with its unit (%, pt, ms, MiB)."""
     if value is None:
         return "-"
     if budget == "min_accuracy":
@@ -229,8 +232,8 @@ def verdict_rows(verdict: Mapping) -> list[list[str]]:
                 [
                     str(result["model"]),
                     c["budget"],
-                    _format_value(c["budget"], c["limit"]),
-                    _format_value(c["budget"], c["value"]),
+                    format_budget_value(c["budget"], c["limit"]),
+                    format_budget_value(c["budget"], c["value"]),
                     "pass" if c["passed"] else "FAIL",
                 ]
             )
@@ -239,8 +242,11 @@ def verdict_rows(verdict: Mapping) -> list[list[str]]:
 
 def render_verdict(verdict: Mapping) -> str:
     """The verdict as plain text: a headline and a table of every check."""
-    head = "PASS" if verdict["passed"] else "FAIL"
-    lines = [f"Verdict: {head}: deploy {verdict['model']!r}: {verdict['reason']}"]
+    if verdict["passed"]:
+        head = f"Verdict: PASS: deploy {verdict['model']!r}"
+    else:
+        head = f"Verdict: FAIL: best candidate {verdict['model']!r}"
+    lines = [f"{head}: {verdict['reason']}"]
     header = ["model", "budget", "limit", "value", "result"]
     rows = verdict_rows(verdict)
     if not rows:

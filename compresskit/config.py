@@ -204,6 +204,7 @@ class StructuredPrune(Strict):
     iterative_steps: int = Field(1, ge=1, le=100, description="Prune in this many steps.")
     round_to: int | None = Field(8, ge=1, description="Keep channel counts multiples of this (SIMD-friendly).")
     ignored_layers: list[str] = Field(default_factory=list, description="Module paths never pruned (the classifier always is).")
+    max_layer_ratio: float = Field(0.95, gt=0.0, lt=1.0, description="No layer loses more than this fraction of its channels (matters with global_pruning).")
 
 
 class MagnitudePrune(Strict):

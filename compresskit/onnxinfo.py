@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,9 +208,11 @@ def _count_params(graph: onnx.GraphProto) -> tuple[int, int]:
             axis = 0 if node.op_type in {"QLinearConv", "ConvInteger"} else -1
             for slot, zp_slot in slots.items():
                 if slot < len(node.input):
-                    zp_name = node.input[zp_slot] if zp_slot is not None and zp_slot < len(
-                        node.input
-                    ) else None
+                    zp_name = (
+                        node.input[zp_slot]
+                        if zp_slot is not None and zp_slot < len(node.input)
+                        else None
+                    )
                     weights.add(node.input[slot], zp_name, axis)
         elif node.op_type == "Add" and len(node.input) == 2:
             # A separate bias: MatMul/Conv output + constant.
@@ -293,12 +295,79 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...] | None
     return 0
 
 
+def _contrib_output_shape(
+    node: onnx.NodeProto, shapes: Mapping[str, tuple[int, ...] | None]
+) -> tuple[tuple[int, ...], str] | None:
+    """(output shape, input it takes its element type from) of the onnxruntime contrib ops that
+    QOperator quantization emits, which onnx's shape inference does not know."""
+    op, ins = node.op_type, list(node.input)
+    if op in {"QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"}:
+        shape = shapes.get(ins[0])
+        return (shape, ins[0]) if shape is not None else None
+    if op in {"QLinearAdd", "QLinearMul"} and len(ins) > 3:
+        a, b = shapes.get(ins[0]), shapes.get(ins[3])
+        if a is None or b is None:
+            return None
+        return tuple(np.broadcast_shapes(a, b)), ins[0]
+    if op == "QLinearGlobalAveragePool":
+        x = shapes.get(ins[0])
+        if x is None or len(x) < 3:
+            return None
+        ones = (1,) * (len(x) - 2)
+        out = (x[0], *ones, x[-1]) if _attr(node, "channels_last", 0) else (x[0], x[1], *ones)
+        return out, ins[0]
+    if op == "QLinearConcat":
+        parts = [shapes.get(name) for name in ins[2::3]]
+        if not parts or any(p is None for p in parts):
+            return None
+        axis = _attr(node, "axis", 1) % len(parts[0])
+        out = list(parts[0])
+        out[axis] = sum(p[axis] for p in parts)
+        return tuple(out), ins[2]
+    return None
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    types.update({name: t.data_type for name, t in _constants(graph).items()})
+    return types
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference, repeated while contrib ops' outputs can be filled in by hand:
+    each round lets onnx carry the new shapes on to the next contrib op. Adds value_info to
+    ``model`` (the caller's private copy)."""
+    contrib = sum(1 for node in model.graph.node if node.domain == "com.microsoft")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    for _ in range(contrib):
+        shapes, types = _shape_map(inferred), _elem_types(inferred)
+        added = 0
+        for node in inferred.graph.node:
+            if node.domain != "com.microsoft" or shapes.get(node.output[0]) is not None:
+                continue
+            found = _contrib_output_shape(node, shapes)
+            if found is not None:
+                shape, like = found
+                info = _value_info(node.output[0], types.get(like, 0), shape)
+                model.graph.value_info.append(info)
+                added += 1
+        if not added:
+            break
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    return inferred
+
+
+def _value_info(name: str, elem_type: int, shape: Sequence[int]) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(name, elem_type, list(shape))
+
+
 def _count_macs(model: onnx.ModelProto) -> tuple[int, int, str | None]:
     """(MACs per sample, nodes whose MACs could not be resolved, shape-inference error)."""
     fixed, divisor = _batch_one(model)
     error = None
     try:
-        fixed = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
+        fixed = _infer(fixed)
     except onnx.shape_inference.InferenceError as err:
         error = str(err)
     shapes = _shape_map(fixed)

@@ -87,14 +87,20 @@ class PruneResult:
 
 # ---------------------------------------------------------------- measuring
 
+
 def _as_tuple(example_inputs: ExampleInputs) -> tuple[Tensor, ...]:
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-            isinstance(t, Tensor) for t in example_inputs):
+    if (
+        isinstance(example_inputs, (tuple, list))
+        and example_inputs
+        and all(isinstance(t, Tensor) for t in example_inputs)
+    ):
         return tuple(example_inputs)
-    raise ValueError("example_inputs must be a Tensor or a non-empty tuple of Tensors, "
-                     f"got {type(example_inputs).__name__}")
+    raise ValueError(
+        "example_inputs must be a Tensor or a non-empty tuple of Tensors, "
+        f"got {type(example_inputs).__name__}"
+    )
 
 
 def _run_eval(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
@@ -151,11 +157,15 @@ def count_macs_params(model: nn.Module, example_inputs: ExampleInputs) -> tuple[
         if isinstance(module, nn.Linear):
             total += out.numel() * module.in_features
         elif module.transposed:
-            total += (inp[0].numel() * (module.out_channels // module.groups)
-                      * math.prod(module.kernel_size))
+            total += (
+                inp[0].numel()
+                * (module.out_channels // module.groups)
+                * math.prod(module.kernel_size)
+            )
         else:
-            total += (out.numel() * (module.in_channels // module.groups)
-                      * math.prod(module.kernel_size))
+            total += (
+                out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            )
 
     for module in model.modules():
         if isinstance(module, _WEIGHTED):
@@ -184,8 +194,11 @@ def _effective_tensors(module: nn.Module) -> Iterable[tuple[str, Tensor]]:
 
 
 def _count_nonzero(model: nn.Module) -> int:
-    return sum(int(torch.count_nonzero(t.detach())) for m in model.modules()
-               for _, t in _effective_tensors(m))
+    return sum(
+        int(torch.count_nonzero(t.detach()))
+        for m in model.modules()
+        for _, t in _effective_tensors(m)
+    )
 
 
 def _zero_fraction(modules: Iterable[nn.Module]) -> float:
@@ -199,6 +212,7 @@ def _zero_fraction(modules: Iterable[nn.Module]) -> float:
 
 
 # ---------------------------------------------------------------- layer selection
+
 
 def _check_paths(model: nn.Module, paths: Sequence[str], what: str) -> list[nn.Module]:
     """Resolve module paths such as "features.0"; a ValueError names unknown ones and lists
@@ -214,8 +228,9 @@ def _check_paths(model: nn.Module, paths: Sequence[str], what: str) -> list[nn.M
         more = f", ... ({len(valid) - 40} more)" if len(valid) > 40 else ""
         shown = ", ".join(valid[:40]) + more
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"{what}: no module named {', '.join(map(repr, unknown))}{hint} "
-                         f"Valid paths: {shown}")
+        raise ValueError(
+            f"{what}: no module named {', '.join(map(repr, unknown))}{hint} Valid paths: {shown}"
+        )
     return [modules[p] for p in paths]
 
 
@@ -248,8 +263,14 @@ def _make_importance(name: str) -> tp.importance.Importance:
 
 # ---------------------------------------------------------------- structured
 
-def _check_structured_args(importance: str, ratio: float, iterative_steps: int,
-                           round_to: int | None, max_layer_ratio: float) -> None:
+
+def _check_structured_args(
+    importance: str,
+    ratio: float,
+    iterative_steps: int,
+    round_to: int | None,
+    max_layer_ratio: float,
+) -> None:
     if importance not in IMPORTANCES:
         choices = ", ".join(IMPORTANCES)
         raise ValueError(f"unknown importance {importance!r}; choose one of {choices}")
@@ -263,8 +284,11 @@ def _check_structured_args(importance: str, ratio: float, iterative_steps: int,
         raise ValueError(f"max_layer_ratio must be in (0, 1], got {max_layer_ratio}")
 
 
-def _accumulate_gradients(model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]],
-                          loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+def _accumulate_gradients(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> None:
     """Fresh gradients for Taylor importance: backward over the batches in eval mode, so
     BatchNorm statistics and dropout do not change the model."""
     device = next(model.parameters()).device
@@ -280,8 +304,9 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[tuple[Tensor, Tens
             m.training = flag
 
 
-def _capped_indices(pruner: tp.pruner.BasePruner, group: Any, max_layer_ratio: float,
-                    round_to: int | None) -> list[int]:
+def _capped_indices(
+    pruner: tp.pruner.BasePruner, group: Any, max_layer_ratio: float, round_to: int | None
+) -> list[int]:
     """The group's pruning indices, trimmed so its root layer keeps at least
     `1 - max_layer_ratio` of its initial channels (the least important ones go first).
 
@@ -307,6 +332,46 @@ def _capped_indices(pruner: tp.pruner.BasePruner, group: Any, max_layer_ratio: f
     if scores is None or len(scores) != current:  # grouped channels: leave as planned
         return idxs
     return sorted(idxs, key=lambda i: float(scores[i]))[:n_remove]
+
+
+def _run_pruner(
+    pruned: nn.Module,
+    inputs: tuple[Tensor, ...],
+    ignored: list[nn.Module],
+    *,
+    importance: str,
+    ratio: float,
+    global_pruning: bool,
+    iterative_steps: int,
+    round_to: int | None,
+    max_layer_ratio: float,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> None:
+    """Build Torch-Pruning's pruner on `pruned` and run its steps in place, with fresh Taylor
+    gradients before each step and the per-layer cap applied to every group."""
+    flags = {m: m.training for m in pruned.modules()}
+    pruned.eval()  # the pruner traces the model; keep BatchNorm statistics untouched
+    try:
+        pruner = tp.pruner.BasePruner(
+            pruned,
+            inputs if len(inputs) > 1 else inputs[0],
+            importance=_make_importance(importance),
+            global_pruning=global_pruning,
+            pruning_ratio=ratio,
+            max_pruning_ratio=max_layer_ratio,
+            iterative_steps=iterative_steps,
+            round_to=round_to,
+            ignored_layers=ignored,
+        )
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    for _ in range(iterative_steps):
+        if batches:
+            _accumulate_gradients(pruned, batches, loss_fn)
+        for group in pruner.step(interactive=True):
+            group.prune(_capped_indices(pruner, group, max_layer_ratio, round_to))
 
 
 def prune_structured(
@@ -343,6 +408,12 @@ def prune_structured(
         if not batches:
             raise ValueError("taylor_batches is empty; Taylor importance needs at least one batch")
     _check_paths(model, ignored_layers, "ignored_layers")
+    param = next(model.parameters(), None)
+    if param is not None and any(t.device != param.device for t in inputs):
+        raise ValueError(
+            f"example_inputs are on {inputs[0].device} but the model is on "
+            f"{param.device}; move them to the same device"
+        )
 
     pruned = copy.deepcopy(model)
     order = _layer_call_order(pruned, inputs)
@@ -353,54 +424,74 @@ def prune_structured(
     macs_before, params_before = count_macs_params(pruned, inputs)
     widths_before = _layer_widths(pruned)
 
-    flags = {m: m.training for m in pruned.modules()}
-    pruned.eval()  # the pruner traces the model; keep BatchNorm statistics untouched
-    try:
-        pruner = tp.pruner.BasePruner(
-            pruned, inputs if len(inputs) > 1 else inputs[0],
-            importance=_make_importance(importance), global_pruning=global_pruning,
-            pruning_ratio=ratio, max_pruning_ratio=max_layer_ratio,
-            iterative_steps=iterative_steps, round_to=round_to, ignored_layers=ignored)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-    for _ in range(iterative_steps):
-        if batches:
-            _accumulate_gradients(pruned, batches, loss_fn or F.cross_entropy)
-        for group in pruner.step(interactive=True):
-            group.prune(_capped_indices(pruner, group, max_layer_ratio, round_to))
+    _run_pruner(
+        pruned,
+        inputs,
+        ignored,
+        importance=importance,
+        ratio=ratio,
+        global_pruning=global_pruning,
+        iterative_steps=iterative_steps,
+        round_to=round_to,
+        max_layer_ratio=max_layer_ratio,
+        batches=batches,
+        loss_fn=loss_fn or F.cross_entropy,
+    )
     pruned.zero_grad(set_to_none=True)
     if ratio > 0 and sum(p.numel() for p in pruned.parameters()) == params_before:
-        warnings.warn(f"structured pruning with ratio {ratio} removed no channel: the "
-                      f"{importance!r} scores are tied (e.g. BatchNorm scales all equal in an "
-                      "untrained model) or the layers are too narrow", stacklevel=2)
+        warnings.warn(
+            f"structured pruning with ratio {ratio} removed no channel: the "
+            f"{importance!r} scores are tied (e.g. BatchNorm scales all equal in an "
+            "untrained model) or the layers are too narrow",
+            stacklevel=2,
+        )
 
     out_after = _run_eval(pruned, inputs)
     if isinstance(out_before, Tensor) and out_before.shape != out_after.shape:
-        raise RuntimeError(f"pruning changed the output shape from {tuple(out_before.shape)} "
-                           f"to {tuple(out_after.shape)}; add the output layer to ignored_layers")
+        raise RuntimeError(
+            f"pruning changed the output shape from {tuple(out_before.shape)} "
+            f"to {tuple(out_after.shape)}; add the output layer to ignored_layers"
+        )
     macs_after, params_after = count_macs_params(pruned, inputs)
     widths_after = _layer_widths(pruned)
     return PruneResult(
-        model=pruned, method="structured",
-        macs_before=macs_before, macs_after=macs_after,
-        params_before=params_before, params_after=params_after,
+        model=pruned,
+        method="structured",
+        macs_before=macs_before,
+        macs_after=macs_after,
+        params_before=params_before,
+        params_after=params_after,
         nonzero_params_after=_count_nonzero(pruned),
         sparsity=_zero_fraction(m for m in pruned.modules() if isinstance(m, _WEIGHTED)),
-        history={name: {"out_before": widths_before[name], "out_after": widths_after[name]}
-                 for name in widths_before if name in widths_after},
-        settings={"importance": importance, "ratio": ratio, "global_pruning": global_pruning,
-                  "iterative_steps": iterative_steps, "round_to": round_to,
-                  "max_layer_ratio": max_layer_ratio, "classifier": order[-1],
-                  "ignored_layers": list(ignored_layers)},
+        history={
+            name: {"out_before": widths_before[name], "out_after": widths_after[name]}
+            for name in widths_before
+            if name in widths_after
+        },
+        settings={
+            "importance": importance,
+            "ratio": ratio,
+            "global_pruning": global_pruning,
+            "iterative_steps": iterative_steps,
+            "round_to": round_to,
+            "max_layer_ratio": max_layer_ratio,
+            "classifier": order[-1],
+            "ignored_layers": list(ignored_layers),
+        },
     )
 
 
 # ---------------------------------------------------------------- magnitude
 
-def _magnitude_targets(model: nn.Module, layers: str, ignored: Sequence[nn.Module],
-                       keep_first_conv: bool, keep_classifier: bool,
-                       order: Sequence[str]) -> list[tuple[str, nn.Module]]:
+
+def _magnitude_targets(
+    model: nn.Module,
+    layers: str,
+    ignored: Sequence[nn.Module],
+    keep_first_conv: bool,
+    keep_classifier: bool,
+    order: Sequence[str],
+) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs whose weights magnitude pruning may zero."""
     kinds: tuple[type, ...] = (nn.modules.conv._ConvNd,) if layers == "conv" else _WEIGHTED
     convs = [n for n in order if isinstance(model.get_submodule(n), nn.modules.conv._ConvNd)]
@@ -409,8 +500,11 @@ def _magnitude_targets(model: nn.Module, layers: str, ignored: Sequence[nn.Modul
         skip.add(convs[0])
     if keep_classifier and order:
         skip.add(order[-1])
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, kinds) and n not in skip and not any(m is i for i in ignored)]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and n not in skip and not any(m is i for i in ignored)
+    ]
 
 
 def prune_magnitude(
@@ -455,25 +549,37 @@ def prune_magnitude(
     else:
         params_before = sum(p.numel() for p in pruned.parameters())
     if sparsity > 0:
-        torch_prune.global_unstructured([(m, "weight") for _, m in targets],
-                                        pruning_method=torch_prune.L1Unstructured,
-                                        amount=sparsity)
+        torch_prune.global_unstructured(
+            [(m, "weight") for _, m in targets],
+            pruning_method=torch_prune.L1Unstructured,
+            amount=sparsity,
+        )
     if example_inputs is not None:
         macs_after, _ = count_macs_params(pruned, example_inputs)
     history = {}
     for name, module in targets:
         weight = module.weight.detach()
-        history[name] = {"numel": weight.numel(),
-                         "zeros": weight.numel() - int(torch.count_nonzero(weight))}
+        history[name] = {
+            "numel": weight.numel(),
+            "zeros": weight.numel() - int(torch.count_nonzero(weight)),
+        }
     return PruneResult(
-        model=pruned, method="magnitude",
-        macs_before=macs_before, macs_after=macs_after,
-        params_before=params_before, params_after=sum(p.numel() for p in pruned.parameters()),
+        model=pruned,
+        method="magnitude",
+        macs_before=macs_before,
+        macs_after=macs_after,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in pruned.parameters()),
         nonzero_params_after=_count_nonzero(pruned),
         sparsity=_zero_fraction(m for _, m in targets),
         history=history,
-        settings={"sparsity": sparsity, "layers": layers, "ignored_layers": list(ignored_layers),
-                  "keep_first_conv": keep_first_conv, "keep_classifier": keep_classifier},
+        settings={
+            "sparsity": sparsity,
+            "layers": layers,
+            "ignored_layers": list(ignored_layers),
+            "keep_first_conv": keep_first_conv,
+            "keep_classifier": keep_classifier,
+        },
     )
 
 
@@ -489,17 +595,24 @@ def finalize_magnitude(model: nn.Module) -> nn.Module:
 
 def _masked_names(module: nn.Module) -> list[str]:
     """Names of a module's tensors under an active `torch.nn.utils.prune` mask."""
-    return [n[: -len("_orig")] for n in module._parameters
-            if n.endswith("_orig") and f"{n[: -len('_orig')]}_mask" in module._buffers]
+    return [
+        n[: -len("_orig")]
+        for n in module._parameters
+        if n.endswith("_orig") and f"{n[: -len('_orig')]}_mask" in module._buffers
+    ]
 
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def _structural_attrs(module: nn.Module) -> dict[str, Any] | None:
     """The attributes that describe a module's tensor shapes, or None for an unknown type."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                "groups": module.groups}
+        return {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "groups": module.groups,
+        }
     if isinstance(module, nn.Linear):
         return {"in_features": module.in_features, "out_features": module.out_features}
     if isinstance(module, nn.modules.batchnorm._NormBase):
@@ -528,11 +641,13 @@ def pruning_state(pruned_model: nn.Module) -> dict[str, Any]:
         tensors.update({n: list(t.shape) for n, t in module._buffers.items() if t is not None})
         if not tensors:
             continue
-        modules[name] = {"type": type(module).__name__, "attrs": _structural_attrs(module),
-                         "tensors": tensors}
+        modules[name] = {
+            "type": type(module).__name__,
+            "attrs": _structural_attrs(module),
+            "tensors": tensors,
+        }
         masked += [f"{name}.{n}" if name else n for n in _masked_names(module)]
-    return {"format": STATE_FORMAT, "version": STATE_VERSION, "modules": modules,
-            "masked": masked}
+    return {"format": STATE_FORMAT, "version": STATE_VERSION, "modules": modules, "masked": masked}
 
 
 def _resize(module: nn.Module, name: str, shape: list[int]) -> None:
@@ -548,22 +663,28 @@ def _resize(module: nn.Module, name: str, shape: list[int]) -> None:
 
 def _rebuild_module(path: str, module: nn.Module, record: dict[str, Any]) -> None:
     if type(module).__name__ != record["type"]:
-        raise ValueError(f"module {path!r} is a {type(module).__name__}, the pruning state "
-                         f"records a {record['type']}: not the same architecture")
+        raise ValueError(
+            f"module {path!r} is a {type(module).__name__}, the pruning state "
+            f"records a {record['type']}: not the same architecture"
+        )
     own = {**module._parameters, **module._buffers}
     changed = []
     for name, shape in record["tensors"].items():
         if own.get(name) is None:
-            raise ValueError(f"module {path!r} has no tensor {name!r} recorded in the pruning "
-                             "state: not the same architecture")
+            raise ValueError(
+                f"module {path!r} has no tensor {name!r} recorded in the pruning "
+                "state: not the same architecture"
+            )
         if list(own[name].shape) != list(shape):
             changed.append((name, shape))
     if not changed:
         return
     attrs = record["attrs"]
     if attrs is None:
-        raise ValueError(f"cannot rebuild module {path!r}: tensors of a {record['type']} changed "
-                         "shape and its structural attributes are unknown to compresskit")
+        raise ValueError(
+            f"cannot rebuild module {path!r}: tensors of a {record['type']} changed "
+            "shape and its structural attributes are unknown to compresskit"
+        )
     for key, value in attrs.items():
         setattr(module, key, tuple(value) if isinstance(value, list) else value)
     for name, shape in changed:
@@ -574,16 +695,22 @@ def rebuild_pruned(unpruned_model: nn.Module, state: dict[str, Any]) -> nn.Modul
     """Reshape a freshly built unpruned model in place (and return it) so that the state dict of
     the pruned model `state` was taken from loads into it. Weights are zeros until loaded."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError("not a compresskit pruning state (missing format "
-                         f"{STATE_FORMAT!r}); make it with pruning_state(model)")
+        raise ValueError(
+            "not a compresskit pruning state (missing format "
+            f"{STATE_FORMAT!r}); make it with pruning_state(model)"
+        )
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"pruning state version {state.get('version')} is not supported "
-                         f"(expected {STATE_VERSION})")
+        raise ValueError(
+            f"pruning state version {state.get('version')} is not supported "
+            f"(expected {STATE_VERSION})"
+        )
     modules = dict(unpruned_model.named_modules())
     missing = [p for p in state["modules"] if p not in modules]
     if missing:
-        raise ValueError(f"the model has no module(s) {missing[:5]} recorded in the pruning "
-                         "state: not the same architecture")
+        raise ValueError(
+            f"the model has no module(s) {missing[:5]} recorded in the pruning "
+            "state: not the same architecture"
+        )
     for dotted in state["masked"]:
         path, _, name = dotted.rpartition(".")
         torch_prune.identity(modules[path], name)

@@ -195,12 +195,13 @@ class prune:  # noqa: N801
                     student, example, importance=p.importance, ratio=p.ratio,
                     global_pruning=p.global_pruning, iterative_steps=p.iterative_steps,
                     round_to=p.round_to, ignored_layers=p.ignored_layers,
+                    max_layer_ratio=p.max_layer_ratio,
                     taylor_batches=taylor_batches,
                     loss_fn=torch.nn.functional.cross_entropy)
             except ValueError as err:
                 raise StageError(f"prune: {err}") from None
         else:
-            result = pr.prune_magnitude(student, sparsity=p.sparsity)
+            result = pr.prune_magnitude(student, sparsity=p.sparsity, example_inputs=example)
         model = result.model
         val_before = _evaluate(ctx, model, "val")
         res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune")

@@ -1,0 +1,376 @@
+"""The run report: one versioned JSON document and its Markdown rendering.
+
+``report.json`` is the machine-readable record (schema ``compresskit.report``, version 1): one
+row per model with accuracy, size, MACs and latency, figures relative to the reference model
+(the teacher by default), the stages, the environment and the budget verdict. ``report.md``
+shows the same for people. No torch and no onnxruntime needed: reports can be rendered anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from compresskit import __version__
+from compresskit.artifacts import atomic_write_json, atomic_write_text
+from compresskit.budget import MIB, find_latency, format_budget_value, verdict_rows
+
+REPORT_SCHEMA = "compresskit.report"
+REPORT_SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _ratio(num, den) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _derive(row: dict, ref: Mapping | None) -> None:
+    """Add the ``*_vs_teacher`` fields to ``row`` in place (None where not comparable)."""
+    ref = ref or {}
+    acc, ref_acc = row.get("accuracy"), ref.get("accuracy")
+    row["delta_accuracy_vs_teacher"] = (
+        (acc - ref_acc) * 100 if acc is not None and ref_acc is not None else None
+    )
+    row["size_ratio_vs_teacher"] = _ratio(row.get("size_bytes"), ref.get("size_bytes"))
+    row["macs_ratio_vs_teacher"] = _ratio(row.get("macs"), ref.get("macs"))
+    for entry in row.get("latency") or []:
+        ref_entry = find_latency(ref, entry["batch_size"], entry.get("threads")) if ref else None
+        row_p50 = entry.get("p50_ms")
+        entry["speedup_vs_teacher"] = (
+            _ratio(ref_entry["p50_ms"], row_p50) if ref_entry is not None else None
+        )
+
+
+def build_report(
+    *,
+    run: str,
+    config: Mapping,
+    rows: Sequence[Mapping],
+    verdict: Mapping,
+    environment: Mapping,
+    stages: Sequence[Mapping],
+    reference_model: str | None = "teacher",
+) -> dict:
+    """Assemble the report dict, adding per-row comparisons with ``reference_model``.
+
+    ``delta_accuracy_vs_teacher`` is in percentage points; ``speedup_vs_teacher`` (reference p50
+    / row p50, > 1 is faster) is added to each latency entry at the same batch and threads;
+    size and MACs ratios are row / reference. Without a reference row they are None.
+    """
+    names = [row.get("name") for row in rows]
+    if None in names:
+        raise ValueError("every report row needs a 'name'")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate report rows: {duplicates}")
+    out_rows = [copy.deepcopy(dict(row)) for row in rows]
+    ref = next((r for r in rows if r["name"] == reference_model), None)
+    ref = copy.deepcopy(dict(ref)) if ref is not None else None
+    for row in out_rows:
+        _derive(row, ref)
+    return {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "compresskit_version": __version__,
+        "run": run,
+        "reference_model": reference_model,
+        "config": copy.deepcopy(dict(config)),
+        "rows": out_rows,
+        "verdict": copy.deepcopy(dict(verdict)),
+        "environment": copy.deepcopy(dict(environment)),
+        "stages": [copy.deepcopy(dict(s)) for s in stages],
+    }
+
+
+def load_report(path: str | os.PathLike) -> dict:
+    """Read a ``report.json`` and check it is a compresskit report this version understands."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no report at {path}")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(report, dict) or report.get("schema") != REPORT_SCHEMA:
+        raise ValueError(f"{path} is not a compresskit report (schema != {REPORT_SCHEMA!r})")
+    version = report.get("schema_version")
+    if version != REPORT_SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has report schema_version {version!r}; this compresskit reads "
+            f"version {REPORT_SCHEMA_VERSION}"
+        )
+    return report
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_size(size_bytes: float | None) -> str:
+    if size_bytes is None:
+        return "-"
+    if size_bytes < MIB:
+        return f"{size_bytes / 1024:.1f} KiB"
+    return f"{size_bytes / MIB:.2f} MiB"
+
+
+def fmt_count(n: float | None, unit: str = "") -> str:
+    """Counts as k/M/G with three significant-ish digits (params, MACs)."""
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _params_cell(row: Mapping) -> str:
+    params, nonzero = row.get("params"), row.get("nonzero_params")
+    text = fmt_count(params)
+    if params and nonzero is not None and nonzero < 0.995 * params:
+        text += f" ({nonzero / params:.0%} nz)"
+    return text
+
+
+def table_setting(report: Mapping) -> tuple[int | None, int | None]:
+    """(threads, larger batch) shown in the summary tables: the first thread count measured
+    and the largest batch size above 1, if any."""
+    entries = [e for row in report.get("rows", []) for e in row.get("latency") or []]
+    threads = entries[0].get("threads") if entries else None
+    big = max((e["batch_size"] for e in entries if e["batch_size"] > 1), default=None)
+    return threads, big
+
+
+def model_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Header and string cells of the per-model summary, shared by Markdown and the console."""
+    threads, big = table_setting(report)
+    ref = report.get("reference_model") or "reference"
+    header = ["model", "precision", "accuracy", f"Δ vs {ref}", "p50 b1 (ms)"]
+    if big:
+        header.append(f"p50 b{big} (ms)")
+    header.append("speed-up b1")
+    if big:
+        header.append(f"speed-up b{big}")
+    header += ["size", "MACs", "params", "wall"]
+    deployed = (report.get("verdict") or {}).get("model")
+    body = []
+    for row in report.get("rows", []):
+        b1 = find_latency(row, 1, threads)
+        bb = find_latency(row, big, threads) if big else None
+        acc = row.get("accuracy")
+        name = str(row["name"]) + (" *" if row["name"] == deployed else "")
+        cells = [
+            name,
+            str(row.get("precision") or "-"),
+            _fmt(acc * 100 if acc is not None else None, ".2f", "%"),
+            _fmt(row.get("delta_accuracy_vs_teacher"), "+.2f", " pt"),
+            _fmt(b1 and b1["p50_ms"], ".3f"),
+        ]
+        if big:
+            cells.append(_fmt(bb and bb["p50_ms"], ".3f"))
+        cells.append(_fmt(b1 and b1.get("speedup_vs_teacher"), ".2f", "x"))
+        if big:
+            cells.append(_fmt(bb and bb.get("speedup_vs_teacher"), ".2f", "x"))
+        cells += [
+            fmt_size(row.get("size_bytes")),
+            fmt_count(row.get("macs")),
+            _params_cell(row),
+            fmt_seconds(row.get("stage_wall_s")),
+        ]
+        body.append(cells)
+    return header, body
+
+
+def _md_cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _verdict_line(verdict: Mapping, markdown: bool = True) -> str:
+    if not verdict:
+        return "Verdict: none"
+    passed = bool(verdict.get("passed"))
+    head = "PASS" if passed else "FAIL"
+    role = "deploy" if passed else "best candidate"
+    model, reason = verdict.get("model"), verdict.get("reason", "")
+    if markdown:
+        return f"**Verdict: {head}**, {role} `{model}`: {_md_cell(reason)}"
+    return f"Verdict: {head}, {role} {model!r}: {reason}"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _md_models(report: Mapping) -> list[str]:
+    threads, _ = table_setting(report)
+    header, body = model_table(report)
+    lines = ["## Models", ""]
+    lines += _md_table(header, body)
+    lines += [
+        "",
+        f"Latency: median (p50) of timed onnxruntime runs, {threads or '-'} thread(s). "
+        "Speed-up > 1 is faster than the reference. `*` marks the deployed model.",
+    ]
+    notes = [(r["name"], r["notes"]) for r in report.get("rows", []) if r.get("notes")]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- `{name}`: {_md_cell(note)}" for name, note in notes]
+    return lines
+
+
+def _md_latency(report: Mapping) -> list[str]:
+    header = ["model", "batch", "threads", "p50 ms", "p90 ms", "mean ms", "samples/s", "speed-up"]
+    body = []
+    for row in report.get("rows", []):
+        for e in row.get("latency") or []:
+            body.append(
+                [
+                    row["name"],
+                    e["batch_size"],
+                    e.get("threads", "-"),
+                    _fmt(e.get("p50_ms"), ".3f"),
+                    _fmt(e.get("p90_ms"), ".3f"),
+                    _fmt(e.get("mean_ms"), ".3f"),
+                    _fmt(e.get("throughput"), ".1f"),
+                    _fmt(e.get("speedup_vs_teacher"), ".2f", "x"),
+                ]
+            )
+    return ["## Latency", ""] + (_md_table(header, body) if body else ["No latency measured."])
+
+
+def _md_stages(report: Mapping) -> list[str]:
+    body = [
+        [
+            s.get("name", "-"),
+            s.get("status", "-"),
+            "yes" if s.get("cached") else "no",
+            fmt_seconds(s.get("wall_s")),
+        ]
+        for s in report.get("stages", [])
+    ]
+    header = ["stage", "status", "cached", "wall"]
+    return ["## Stages", ""] + (_md_table(header, body) if body else ["No stages recorded."])
+
+
+def _md_environment(report: Mapping) -> list[str]:
+    env = report.get("environment") or {}
+    cpu = env.get("cpu") or {}
+    threads = sorted(
+        {e.get("threads") for r in report.get("rows", []) for e in r.get("latency") or []} - {None}
+    )
+    versions = env.get("versions") or {}
+    int8_dot = cpu.get("int8_dot")
+    body = [
+        ["CPU", cpu.get("model") or "-"],
+        ["architecture", cpu.get("architecture") or "-"],
+        [
+            "cores (logical / usable)",
+            f"{cpu.get('logical_cores', '-')} / {cpu.get('usable_cores', '-')}",
+        ],
+        ["ISA flags", ", ".join(cpu.get("isa_flags") or []) or "-"],
+        ["INT8 dot-product instructions", "-" if int8_dot is None else "yes" if int8_dot else "no"],
+        ["OS", env.get("platform") or env.get("os") or "-"],
+        ["Python", env.get("python") or "-"],
+        ["libraries", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "-"],
+        ["onnxruntime providers", ", ".join(env.get("onnxruntime_providers") or []) or "-"],
+        ["benchmark threads", ", ".join(str(t) for t in threads) or "-"],
+    ]
+    return ["## Environment", ""] + _md_table(["item", "value"], body)
+
+
+def _md_budgets(report: Mapping) -> list[str]:
+    verdict = report.get("verdict") or {}
+    budgets = verdict.get("budgets") or {}
+    lines = ["## Budgets", ""]
+    limits = ("min_accuracy", "max_accuracy_drop", "max_latency_ms", "max_size_mb")
+    set_budgets = [
+        [k, format_budget_value(k, budgets[k])] for k in limits if budgets.get(k) is not None
+    ]
+    if budgets.get("max_latency_ms") is not None:
+        threads = budgets.get("latency_threads")
+        set_budgets.append(
+            [
+                "latency measured at",
+                f"batch {budgets.get('latency_batch_size')}, "
+                + ("first thread setting" if threads is None else f"{threads} thread(s)"),
+            ]
+        )
+    lines += _md_table(["budget", "limit"], set_budgets) if set_budgets else ["No budgets set."]
+    checks = verdict_rows(verdict)
+    if checks:
+        lines += [""] + _md_table(["model", "budget", "limit", "value", "result"], checks)
+    return lines
+
+
+def render_markdown(report: Mapping) -> str:
+    """The whole report as Markdown."""
+    lines = [
+        f"# compresskit report: {report.get('run')}",
+        "",
+        _verdict_line(report.get("verdict") or {}),
+        "",
+        f"Created {report.get('created')} by compresskit {report.get('compresskit_version')}; "
+        f"reference model: `{report.get('reference_model')}`.",
+        "",
+    ]
+    for section in (_md_models, _md_latency, _md_stages, _md_environment, _md_budgets):
+        lines += section(report) + [""]
+    return "\n".join(lines)
+
+
+def write_report(report_dir: str | os.PathLike, report: Mapping) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``report_dir`` (atomically)."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    json_path = atomic_write_json(report_dir / REPORT_JSON, report)
+    md_path = atomic_write_text(report_dir / REPORT_MD, render_markdown(report))
+    return json_path, md_path
+
+
+def render_console_table(report: Mapping) -> Table:
+    """The per-model summary as a rich Table, deployed model highlighted, verdict as caption."""
+    header, body = model_table(report)
+    verdict = report.get("verdict") or {}
+    table = Table(
+        title=Text(f"compresskit run {report.get('run')}"),
+        caption=Text(_verdict_line(verdict, markdown=False)),
+    )
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    deployed = verdict.get("model")
+    for row, cells in zip(report.get("rows", []), body, strict=True):
+        style = None
+        if row["name"] == deployed:
+            style = "bold green" if verdict.get("passed") else "bold yellow"
+        table.add_row(*(Text(c) for c in cells), style=style)
+    return table

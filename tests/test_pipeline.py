@@ -1,0 +1,121 @@
+"""End to end: the tiny pipeline through every stage, caching, and the shipped GPU recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+
+from compresskit.config import load_config
+from compresskit.pipeline import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path: Path, path: Path, extra: list[str] | None = None):
+    return load_config(path, [f"models_dir={tmp_path / 'models'}", f"reports_dir={tmp_path / 'reports'}",
+                              *(extra or [])])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = _cfg(tmp, ROOT / "pipelines" / "tiny_synthetic.yaml")
+    logs: list[str] = []
+    outcomes, report = run_pipeline(cfg, quiet=True, log=logs.append)
+    return tmp, cfg, outcomes, report, logs
+
+
+def test_every_stage_ran_and_wrote_artifacts(tiny_run):
+    tmp, cfg, outcomes, report, _ = tiny_run
+    assert [o.name for o in outcomes] == ["teacher", "distill", "prune", "quantize", "export", "bench", "report"]
+    assert all(o.status == "ran" for o in outcomes)
+    run_dir = tmp / "models" / cfg.name
+    for stage in ("teacher", "distill", "prune", "quantize", "export", "bench", "report"):
+        record = json.loads((run_dir / stage / "stage.json").read_text())
+        assert record["config_hash"] and record["wall_s"] >= 0
+    for name in ("teacher", "student", "student_baseline", "pruned", "ptq", "qat"):
+        model = onnx.load(run_dir / "export" / f"{name}.onnx")
+        props = {p.key: p.value for p in model.metadata_props}
+        pre = json.loads(props["compresskit.preprocess"])
+        assert pre["layout"] == "NCHW" and len(pre["mean"]) == 1
+        assert json.loads(props["compresskit.labels"]) == [f"class_{i}" for i in range(4)]
+    assert not list(run_dir.rglob("resume-*.pt"))
+
+
+def test_report_rows_and_verdict(tiny_run):
+    tmp, cfg, _, report, _ = tiny_run
+    names = [r["name"] for r in report["models"]]
+    assert names == ["teacher", "student_baseline", "student", "pruned", "ptq", "qat"]
+    rows = {r["name"]: r for r in report["models"]}
+    # the task is learnable: trained models beat chance (0.25) clearly
+    assert rows["teacher"]["accuracy"] > 0.6 and rows["student"]["accuracy"] > 0.5
+    assert rows["pruned"]["macs"] < rows["student"]["macs"]
+    assert rows["pruned"]["params"] < rows["student"]["params"]
+    assert rows["ptq"]["size_bytes"] < rows["pruned"]["size_bytes"]
+    assert all(lat["p50_ms"] > 0 for r in rows.values() for lat in r["latency"])
+    assert report["verdict"]["model"] in ("ptq", "qat")
+    assert (tmp / "reports" / cfg.name / "report.md").read_text().count("|") > 20
+    assert report["environment"]["cpu"]
+
+
+def test_rerun_is_cached_and_force_reruns(tiny_run):
+    tmp, cfg, _, _, _ = tiny_run
+    outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    assert all(o.status == "cached" for o in outcomes)
+    outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None, force={"bench"})
+    status = {o.name: o.status for o in outcomes}
+    assert status["bench"] == "ran" and status["export"] == "cached"
+
+
+def test_edited_artifact_is_not_trusted(tiny_run):
+    tmp, cfg, _, _, _ = tiny_run
+    onnx_path = tmp / "models" / cfg.name / "export" / "student.onnx"
+    with open(onnx_path, "ab") as f:
+        f.write(b"\0")
+    outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    status = {o.name: o.status for o in outcomes}
+    assert status["teacher"] == "cached" and status["export"] == "ran"
+
+
+def test_gpu_recipe_runs_with_tiny_overrides(tmp_path):
+    """The full-scale CIFAR-10 recipe, shrunk: same stages and methods on synthetic data."""
+    overrides = ["data.dataset=synthetic", "data.synthetic.channels=3", "data.synthetic.image_size=16",
+                 "data.synthetic.num_train=192", "data.synthetic.num_test=64", "data.calib_size=32",
+                 "data.batch_size=32", "device=cpu", "teacher.train.epochs=1", "distill.train.epochs=1",
+                 "prune.finetune.train.epochs=1", "quantize.qat.train.epochs=1",
+                 "export.parity_samples=32", "bench.batch_sizes=[1]", "bench.max_seconds=0.1",
+                 "bench.min_runs=3", "bench.warmup=1", "budgets.latency_batch_size=1",
+                 "teacher.model.width=8", "data.num_workers=0"]
+    cfg = _cfg(tmp_path, ROOT / "pipelines" / "cifar10_mobilenetv2.yaml", overrides)
+    outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    assert {o.status for o in outcomes} == {"ran"}
+    assert {r["name"] for r in report["models"]} >= {"teacher", "student", "ptq"}
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
+@pytest.mark.slow
+def test_default_pipeline_smoke(tmp_path):
+    overrides = ["data.limit_train=2000", "data.limit_test=500", "teacher.train.epochs=1",
+                 "distill.train.epochs=1", "prune.finetune.train.epochs=1", "quantize.qat.train.epochs=1",
+                 "bench.max_seconds=0.2"]
+    cfg = _cfg(tmp_path, ROOT / "pipelines" / "mobilenet_edge.yaml", overrides)
+    outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    assert report["models"][0]["accuracy"] > 0.5
+
+
+def test_check_command_rechecks_budgets(tiny_run):
+    from typer.testing import CliRunner
+
+    from compresskit.cli import app
+
+    tmp, cfg, _, _, _ = tiny_run
+    report_dir = tmp / "reports" / cfg.name
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check", str(report_dir), "--min-accuracy", "0.1"])
+    assert ok.exit_code == 0, ok.output
+    fail = runner.invoke(app, ["check", str(report_dir / "report.json"), "--max-latency-ms", "0.000001"])
+    assert fail.exit_code == 1 and "max_latency_ms" in fail.output
