@@ -225,7 +225,8 @@ def _describe_files(kind: str, files: Mapping[str, str | os.PathLike], base: Pat
     for name, file in files.items():
         file = Path(file)
         if not file.is_file():
-            raise FileNotFoundError(f"stage {kind} {name!r} does not exist: {file}")
+            what = "is a directory, not a file" if file.is_dir() else "does not exist"
+            raise FileNotFoundError(f"stage {kind} {name!r} {what}: {file}")
         described[name] = {
             "path": _rel(file, base),
             "sha256": sha256_file(file),

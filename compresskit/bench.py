@@ -318,7 +318,8 @@ def bench_model(
     """Static statistics, latency for every (threads, batch size) pair and, when ``x``/``y`` are
     given, accuracy: one JSON-able dict that is the core of a report row.
 
-    A fixed-batch model is timed only at its own batch; the other pairs are listed under
+    ``.ort`` files are timed too, with only their size as statistics. A fixed-batch model is
+    timed only at its own batch; the other pairs are listed under
     ``latency_skipped`` with the reason. ``progress`` receives a short message per step.
     """
     if (x is None) != (y is None):
@@ -326,8 +327,13 @@ def bench_model(
     path = check_model_path(path)
     note = progress or (lambda _msg: None)
     note(f"{path.name}: statistics")
-    result = model_stats(path)
-    result["precision"] = "int8" if result["int8"] else "fp32"
+    if path.suffix == ".ort":
+        # ORT-format files load in onnxruntime but not in onnx: only the size is known.
+        result = {"size_bytes": path.stat().st_size, "format": "ort", "int8": None}
+        result["precision"] = None
+    else:
+        result = model_stats(path)
+        result["precision"] = "int8" if result["int8"] else "fp32"
     latency, skipped = [], []
     for n_threads in threads:
         session = make_session(path, n_threads, optimization)

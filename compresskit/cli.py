@@ -21,7 +21,7 @@ app = typer.Typer(help="Distill, prune, quantize and export vision models to fas
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 methods_app = typer.Typer(help="List the available methods of a stage.", no_args_is_help=True)
 app.add_typer(methods_app, name="methods")
-console = Console(stderr=False)
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config value: key.path=value (YAML value). Repeatable.")]
@@ -81,7 +81,7 @@ def run(
 
     try:
         outcomes, report = run_pipeline(cfg, force=set(force or ()), from_stage=from_stage, until=until,
-                                        quiet=quiet, log=lambda m: console.print(m, highlight=False))
+                                        quiet=quiet, log=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         _config_errors(err)
     except DataError as err:

@@ -275,13 +275,13 @@ def _make_synthetic(cfg: DataConfig) -> tuple[Split, Split]:
     """Learnable synthetic images: a class template (smooth random pattern) plus noise."""
     s = cfg.synthetic
     gen = torch.Generator().manual_seed(s.seed)
-    coarse = torch.rand(s.num_classes, s.channels, 4, 4, generator=gen)
+    coarse = 0.15 + 0.7 * (torch.rand(s.num_classes, s.channels, 4, 4, generator=gen) > 0.5).float()
     templates = torch.nn.functional.interpolate(coarse, size=(s.image_size, s.image_size),
                                                 mode="bilinear", align_corners=False)
 
     def draw(n: int) -> Split:
         labels = torch.randint(0, s.num_classes, (n,), generator=gen)
-        noise = torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen) * 0.25
+        noise = torch.randn(n, s.channels, s.image_size, s.image_size, generator=gen) * 0.2
         images = ((templates[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
         return Split(images, labels)
 

@@ -142,9 +142,8 @@ def _check_example(example_input: torch.Tensor) -> None:
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if example_input.dim() < 2 or example_input.shape[0] < 1:
-        raise ValueError(
-            f"example_input must be a batch (N, ...) with N >= 1, got shape {tuple(example_input.shape)}"
-        )
+        shape = tuple(example_input.shape)
+        raise ValueError(f"example_input must be a batch (N, ...) with N >= 1, got shape {shape}")
 
 
 def _check_forward(model: nn.Module, x: torch.Tensor) -> None:

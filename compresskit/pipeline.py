@@ -47,6 +47,7 @@ class RunContext:
     layout: RunLayout
     log: Callable[[str], None]
     quiet: bool = False
+    outcomes: list[StageOutcome] = field(default_factory=list)
     _data: Any = None
     _device: Any = None
 
@@ -156,10 +157,10 @@ def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_sta
     preflight(cfg)
     _seed_everything(cfg)
     layout = RunLayout(Path(cfg.models_dir), Path(cfg.reports_dir), cfg.name)
-    ctx = RunContext(cfg=cfg, layout=layout, log=log, quiet=quiet)
+    outcomes: list[StageOutcome] = []
+    ctx = RunContext(cfg=cfg, layout=layout, log=log, quiet=quiet, outcomes=outcomes)
     funcs = {"teacher": st.teacher, "distill": st.distill, "prune": st.prune, "quantize": st.quantize,
              "export": st.export, "bench": st.bench, "report": st.report}
-    outcomes: list[StageOutcome] = []
     report = None
     for name in order:
         outcome = _run_stage(ctx, name, funcs[name], force=name in force, outcomes=outcomes)

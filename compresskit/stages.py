@@ -320,6 +320,7 @@ class export:  # noqa: N801
         import torch
 
         from compresskit import export as ex
+        from compresskit.onnxinfo import write_metadata
         from compresskit.quantize import qat
 
         cfg = ctx.cfg.export
@@ -350,7 +351,7 @@ class export:  # noqa: N801
         if ctx.cfg.quantize.ptq.enabled:
             path = stage_dir / "ptq.onnx"
             shutil.copyfile(ctx.stage_dir("quantize") / "ptq.onnx", path)
-            ex.write_metadata(path, meta)
+            write_metadata(path, meta)
             ref = float_models.get("pruned", float_models["student"])
             parity["ptq"] = ex.parity_check(ref, path, x)
             outputs["ptq"] = path
@@ -390,7 +391,7 @@ class bench:  # noqa: N801
             ctx.log(f"[bench] {name}")
             rows[name] = bench_model(path, batch_sizes=tuple(cfg.batch_sizes), threads=tuple(cfg.threads),
                                      warmup=cfg.warmup, min_runs=cfg.min_runs, max_seconds=cfg.max_seconds,
-                                     x=x, y=y, quiet=ctx.quiet)
+                                     x=x, y=y)
         metrics = {"models": rows, "summary": ", ".join(
             f"{n} {r['accuracy']:.2%}" if r.get("accuracy") is not None else n for n, r in rows.items())}
         return {}, metrics
@@ -422,7 +423,9 @@ class report:  # noqa: N801
         stage_metrics = {s: read_metrics(ctx.stage_dir(s)) or {}
                          for s in ("teacher", "distill", "prune", "quantize", "export", "bench")}
         rows = []
-        for name, row in bench_m.get("models", {}).items():
+        measured = bench_m.get("models", {})
+        for name in sorted(measured, key=lambda n: MODEL_ORDER.index(n) if n in MODEL_ORDER else 99):
+            row = measured[name]
             stage = STAGE_OF.get(name, name)
             row = dict(row)
             row.update(name=name, stage=stage, precision="int8" if name in ("ptq", "qat") else "fp32",
@@ -437,8 +440,8 @@ class report:  # noqa: N801
         if not any(r["name"] == reference for r in rows):
             reference = "student"
         verdict = bg.select_and_verdict(rows, candidates, budgets, reference_model=reference)
-        stages = [{"name": s, "wall_s": stage_metrics.get(s, {}).get("wall_s"), "summary":
-                   stage_metrics.get(s, {}).get("summary", "")} for s in stage_metrics]
+        stages = [{"name": o.name, "wall_s": o.wall_s, "cached": o.status == "cached",
+                   "status": o.status, "summary": o.summary} for o in ctx.outcomes]
         rep = rp.build_report(run=ctx.cfg.name, config=ctx.cfg.model_dump(mode="json"), rows=rows,
                               verdict=verdict, environment=environment(), stages=stages)
         json_path, md_path = rp.write_report(ctx.layout.report_dir, rep)

@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PIPELINE = ROOT / "pipelines" / "tiny_synthetic.yaml"
+
+
+def pytest_configure(config):
+    import torch
+
+    # tiny models: one thread avoids oversubscription and is faster than two here
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

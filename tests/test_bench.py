@@ -271,6 +271,22 @@ def test_metadata_roundtrip(tmp_path):
         onnxinfo.write_metadata(path, {"acc": 0.9})
 
 
+def test_metadata_with_external_weights(tmp_path):
+    src = conv_net(tmp_path / "m.onnx")
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    model = onnx.load(src)
+    onnx.save_model(
+        model, ext_dir / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0
+    )
+    onnxinfo.write_metadata(ext_dir / "m.onnx", {"k": "v"})
+    assert sorted(p.name for p in ext_dir.iterdir()) == ["m.data", "m.onnx"]
+    assert onnxinfo.model_stats(ext_dir / "m.onnx")["metadata"]["k"] == "v"
+    moved = onnxinfo.write_metadata(ext_dir / "m.onnx", {"k": "w"}, out=tmp_path / "inl.onnx")
+    stats = onnxinfo.model_stats(moved)  # weights now inside the file
+    assert stats["metadata"]["k"] == "w" and stats["nonzero_params"] == PARAMS
+
+
 def test_missing_and_invalid_files(tmp_path):
     missing = tmp_path / "nope.onnx"
     for call in (onnxinfo.model_stats, onnxinfo.read_metadata, bench.bench_model):
@@ -406,6 +422,20 @@ def test_bench_model(tmp_path):
     assert res["precision"] == "fp32"
     assert len(messages) == 1 + 4 + 1
     json.dumps(res)
+
+
+def test_bench_model_ort_format(tmp_path):
+    import onnxruntime as ort
+
+    path, wb = linear_net(tmp_path / "lin.onnx")
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.save_model_format", "ORT")
+    opts.optimized_model_filepath = str(tmp_path / "lin.ort")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x, y, top1, _ = _labelled_data(wb, n=8)
+    res = bench.bench_model(tmp_path / "lin.ort", batch_sizes=(2,), x=x, y=y, **FAST)
+    assert res["format"] == "ort" and res["size_bytes"] == (tmp_path / "lin.ort").stat().st_size
+    assert res["latency"][0]["batch_size"] == 2 and res["accuracy"] == top1
 
 
 def test_bench_model_skips_other_batches_of_fixed_batch_model(tmp_path):

@@ -26,9 +26,10 @@ onnxruntime fuses convs into ``QLinearConv``.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ ACT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 WEIGHT_QMIN, WEIGHT_QMAX = -128, 127
 WEIGHT_LEVELS = 127.0  # symmetric: |w| max maps to 127, as onnxruntime's quantizer does
 MIN_SCALE = 1e-8
+_META_KEY = "compresskit.qat"
 INT32_MAX = 2**31 - 1
 
 
@@ -64,7 +66,7 @@ class ActFakeQuant(nn.Module):
 
     In training mode each call updates the range (unless frozen) and then fake-quantizes; in
     eval mode the stored range is used as is. ``observe=False`` reuses the range without
-    updating it (for reshapes and pools that must share their input's quantization).
+    updating it (for reshapes and max pools that must share their input's quantization).
     """
 
     def __init__(self, dtype: str = "uint8", momentum: float = 0.01) -> None:
@@ -146,7 +148,11 @@ class ActFakeQuant(nn.Module):
         self.zero_point.copy_(zp.to(torch.int32))
 
     def extra_repr(self) -> str:
-        rng = f"[{float(self.min_val):.4g}, {float(self.max_val):.4g}]" if self.initialized else "unset"
+        rng = (
+            f"[{float(self.min_val):.4g}, {float(self.max_val):.4g}]"
+            if self.initialized
+            else "unset"
+        )
         return f"dtype={self.dtype}, range={rng}, frozen={self.frozen}"
 
 
@@ -222,7 +228,9 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, per_channel: bool) -> QuantLinear:
-        q = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        q = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
+        )
         q.weight, q.bias = linear.weight, linear.bias
         q.per_channel = per_channel
         return q
@@ -297,25 +305,29 @@ def _tensor_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
 
 def prepare_qat(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | None = None,
     *,
     per_channel: bool = True,
     activation_dtype: str = "uint8",
     observer_batches: Iterable[torch.Tensor] | None = None,
     ema_momentum: float = 0.01,
+    example_shape: Sequence[int] | None = None,
 ) -> fx.GraphModule:
     """Return a fake-quant copy of ``model`` ready for QAT; ``model`` itself is not touched.
 
-    ``observer_batches`` (tensors, or ``(images, ...)`` tuples) initialise the activation
-    ranges by running min/max with quantization off; without them each range starts from the
-    first training batch. ``ema_momentum`` is the EMA weight of each new batch's range.
+    ``example_input`` (or, when rebuilding from :func:`qat_state`, ``example_shape``) is run
+    once to tell tensors from other values in the traced graph. ``observer_batches`` (tensors,
+    or ``(images, ...)`` tuples) initialise the activation ranges by running min/max with
+    quantization off; without them each range starts from the first training batch.
+    ``ema_momentum`` is the EMA weight of each new batch's range.
     """
     if activation_dtype not in ACT_RANGES:
-        raise ValueError(f"activation_dtype must be one of {sorted(ACT_RANGES)}, got {activation_dtype!r}")
+        raise ValueError(
+            f"activation_dtype must be one of {sorted(ACT_RANGES)}, got {activation_dtype!r}"
+        )
     if not 0.0 < ema_momentum <= 1.0:
         raise ValueError(f"ema_momentum must be in (0, 1], got {ema_momentum}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        raise ValueError("example_input must be a batched tensor (N, ...)")
+    example = _example(example_input, example_shape)
     was_training = model.training
     gm = _trace(copy.deepcopy(model).eval())
     _fold_batchnorm(gm)
@@ -323,16 +335,35 @@ def prepare_qat(
     device = _device_of(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input.to(device))
+            ShapeProp(gm).propagate(example.to(device))
     except RuntimeError as e:
         raise ValueError(
-            f"model forward failed on example_input of shape {tuple(example_input.shape)}: {e}"
+            f"model forward failed on example_input of shape {tuple(example.shape)}: {e}"
         ) from e
     _insert_act_quant(gm, activation_dtype, ema_momentum)
+    gm.meta[_META_KEY] = {"example_shape": [1, *example.shape[1:]]}
     gm.to(device)
     if observer_batches is not None:
         calibrate(gm, observer_batches)
     return gm.train(was_training)
+
+
+def rebuild_qat(model: nn.Module, state: Mapping) -> fx.GraphModule:
+    """The QAT graph :func:`qat_state` describes, built around a float model of the same
+    architecture; load the saved QAT ``state_dict`` into the result."""
+    if "example_shape" not in state:
+        raise ValueError("QAT state has no example_shape; pass an example to prepare_qat instead")
+    return prepare_qat(model, None, **state)
+
+
+def _example(example_input: torch.Tensor | None, shape: Sequence[int] | None) -> torch.Tensor:
+    if example_input is None:
+        if shape is None:
+            raise ValueError("prepare_qat needs example_input (or example_shape)")
+        return torch.zeros([int(d) for d in shape])
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError("example_input must be a batched tensor (N, ...)")
+    return example_input.detach()
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -394,14 +425,17 @@ def _fold_batchnorm(gm: fx.GraphModule) -> None:
 
 
 def _swap_weight_quant(gm: fx.GraphModule, per_channel: bool) -> None:
+    """Give plain Conv2d/Linear modules fake-quantized weights.
+
+    Subclasses are left alone: their forward may differ (padding tricks, for instance), so
+    they stay float, with quantized neighbours, rather than silently change behaviour.
+    """
     modules = dict(gm.named_modules())
     for target in _call_counts(gm):
         mod = modules[target]
-        if isinstance(mod, (QuantConv2d, QuantLinear)):
-            continue
-        if isinstance(mod, nn.Conv2d):
+        if type(mod) is nn.Conv2d:
             _set_module(gm, target, QuantConv2d.from_float(mod, per_channel))
-        elif isinstance(mod, nn.Linear):
+        elif type(mod) is nn.Linear:
             _set_module(gm, target, QuantLinear.from_float(mod, per_channel))
 
 
@@ -448,6 +482,7 @@ class _Inserter:
             kwargs = {"observe": False}
         with graph.inserting_after(node):
             q = graph.call_module(owner, (node,), kwargs)
+        q.meta["tensor_meta"] = node.meta.get("tensor_meta")  # same tensor, quantized
         node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q and u.op != "output")
         self.quantizers.add(q)
         return q
@@ -538,7 +573,8 @@ def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
 
 
 def qat_state(model: nn.Module) -> dict:
-    """JSON-able settings that rebuild the same QAT graph: ``prepare_qat(float, x, **state)``.
+    """JSON-able settings that rebuild the same QAT graph around a float model of the same
+    architecture: ``prepare_qat(float_model, example, **state)`` or ``rebuild_qat``.
 
     Together with ``model.state_dict()`` (which loads with ``torch.load(weights_only=True)``)
     this reproduces a trained QAT model.
@@ -547,11 +583,36 @@ def qat_state(model: nn.Module) -> dict:
     wqs = _weight_quantizers(model)
     if not fqs or not wqs:
         raise ValueError("model is not a QAT model built by prepare_qat")
-    return {
+    state = {
         "per_channel": bool(wqs[0].per_channel),
         "activation_dtype": fqs[0].dtype,
         "ema_momentum": float(fqs[0].momentum),
     }
+    meta = getattr(model, "meta", {}).get(_META_KEY, {})
+    if "example_shape" in meta:
+        state["example_shape"] = [int(d) for d in meta["example_shape"]]
+    return state
+
+
+def epoch_callback(
+    total_epochs: int, freeze_after: float = 0.5
+) -> Callable[[int, nn.Module], None]:
+    """A ``train.fit`` epoch callback that freezes activation ranges for the last epochs.
+
+    Ranges follow the EMA for the first ``freeze_after`` share of the epochs (at least one),
+    then stay fixed so the weights settle on them. Decided per epoch index, so a resumed run
+    ends up in the same state.
+    """
+    if total_epochs < 1 or not 0.0 <= freeze_after <= 1.0:
+        raise ValueError(
+            f"need total_epochs >= 1 and 0 <= freeze_after <= 1, got {total_epochs}, {freeze_after}"
+        )
+    start = max(1, math.ceil(total_epochs * freeze_after))
+
+    def callback(epoch: int, model: nn.Module) -> None:
+        freeze(model, frozen=epoch >= start)
+
+    return callback
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +696,9 @@ def fold_constant_quantize(model: onnx.ModelProto) -> int:
         zp = numpy_helper.to_array(inits[node.input[2]])
         axis = _axis(node) % max(w.ndim, 1)
         info = np.iinfo(zp.dtype)
-        q = np.rint(w / _broadcast(scale, w.ndim, axis)) + _broadcast(zp.astype(np.int64), w.ndim, axis)
+        q = np.rint(w / _broadcast(scale, w.ndim, axis)) + _broadcast(
+            zp.astype(np.int64), w.ndim, axis
+        )
         q = np.clip(q, info.min, info.max).astype(zp.dtype)
         name = f"{node.input[0]}_quantized"
         g.initializer.append(numpy_helper.from_array(q, name))
@@ -658,7 +721,11 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     producers = {o: n for n in g.node for o in n.output}
     done = 0
     for node in list(g.node):
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+        if (
+            node.op_type not in ("Conv", "Gemm")
+            or len(node.input) < 3
+            or node.input[2] not in inits
+        ):
             continue
         if node.op_type == "Gemm" and not _gemm_is_xwt(node):
             continue
@@ -697,7 +764,7 @@ def _quantize_one_bias(g, node, dq_x, dq_w, inits) -> None:
     b_scale = np.broadcast_to(x_scale * w_scale, bias.shape if w_scale.ndim else ())
     b_scale = b_scale.astype(np.float32)
     q = np.clip(np.rint(bias / b_scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
-    base = node.input[2]
+    base = f"{node.output[0]}_bias"  # per node: one bias initializer may feed several nodes
     names = (f"{base}_quantized", f"{base}_scale", f"{base}_zero_point")
     zp = np.zeros(b_scale.shape, dtype=np.int32)
     for arr, name in zip((q, b_scale, zp), names, strict=True):

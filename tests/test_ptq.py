@@ -1,0 +1,230 @@
+"""Tests for compresskit.quantize.ptq (the module itself imports no torch; these tests may)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from compresskit.export import export_onnx, labels_metadata, read_metadata
+from compresskit.quantize.ptq import (
+    QUANTIZATION_KEY,
+    ArrayCalibrationReader,
+    optimized_op_counts,
+    quantize_ptq,
+)
+
+NUM_CLASSES = 4
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU, depthwise conv, residual add, global pool, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.dw = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6()
+        )
+        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.pw(self.dw(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is a fixed smooth colour pattern plus noise (learnable in seconds)."""
+    g = torch.Generator().manual_seed(1234)
+    patterns = F.avg_pool2d(torch.randn(NUM_CLASSES, 3, 20, 20, generator=g), 5, stride=1)
+    patterns = patterns / patterns.std(dim=(1, 2, 3), keepdim=True)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % NUM_CLASSES
+    x = patterns[y] + 0.5 * torch.randn(n, 3, 16, 16, generator=g)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    """A briefly trained TinyNet and its float ONNX export (with labels metadata)."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    x, y = make_data(512, seed=0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for step in range(60):
+        idx = torch.arange(step * 64, (step + 1) * 64) % len(x)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    path = tmp_path_factory.mktemp("ptq") / "fp32.onnx"
+    export_onnx(net, path, x[:1], metadata=labels_metadata(["a", "b", "c", "d"]))
+    return net, path
+
+
+def _run(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.astype(np.float32)})[0]
+
+
+def test_quantize_ptq_u8s8_close_to_fp32(fp32_model, tmp_path):
+    net, fp32 = fp32_model
+    calib = make_data(96, seed=1)[0].numpy()
+    report = quantize_ptq(fp32, tmp_path / "int8.onnx", calib, calib_batch_size=16)
+    out = tmp_path / "int8.onnx"
+    assert report["output"] == str(out) and out.is_file()
+    json.dumps(report)  # JSON-able
+    assert report["calib_samples"] == 96 and report["calib_batches"] == 6
+    assert report["ops_int8"]["QuantizeLinear"] > 0 and report["ops_int8"]["DequantizeLinear"] > 0
+    assert report["ops_fp32"]["Conv"] == 3
+    # onnxruntime runs every conv, the add, the pool and the gemm as int8 kernels
+    optimized = report["ops_int8_optimized"]
+    assert optimized["QLinearConv"] == 3 and optimized["QLinearAdd"] == 1
+    assert "Conv" not in optimized
+    assert report["size_int8_bytes"] > 0 and report["size_fp32_bytes"] > 0
+    assert report["settings"]["activation_type"] == "uint8" and report["settings"]["per_channel"]
+    model = onnx.load(str(out))
+    by_type = {}
+    for t in model.graph.initializer:
+        by_type.setdefault(t.data_type, []).append(tuple(t.dims))
+    assert len([d for d in by_type[onnx.TensorProto.INT8] if len(d) == 4]) == 3  # conv weights
+    assert by_type[onnx.TensorProto.UINT8], "uint8 activation zero points expected"
+
+    x_test, y_test = make_data(200, seed=2)
+    ref = _run(fp32, x_test.numpy())
+    got = _run(out, x_test.numpy())
+    assert (ref.argmax(1) == y_test.numpy()).mean() > 0.9  # the float model learned the task
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.93
+    assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
+
+
+def test_metadata_carried_over(fp32_model, tmp_path):
+    _, fp32 = fp32_model
+    quantize_ptq(fp32, tmp_path / "int8.onnx", make_data(32, seed=1)[0].numpy())
+    props = read_metadata(tmp_path / "int8.onnx")
+    assert json.loads(props["compresskit.labels"]) == ["a", "b", "c", "d"]
+    assert json.loads(props[QUANTIZATION_KEY])["method"] == "ptq"
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "distribution"])
+def test_all_calibration_methods_run(fp32_model, tmp_path, method):
+    _, fp32 = fp32_model
+    x = make_data(64, seed=3)[0].numpy()
+    report = quantize_ptq(fp32, tmp_path / f"{method}.onnx", x, calibrate_method=method)
+    assert report["settings"]["calibrate_method"] == method
+    agree = (_run(tmp_path / f"{method}.onnx", x).argmax(1) == _run(fp32, x).argmax(1)).mean()
+    assert agree >= 0.9
+
+
+def test_batched_calibration_equals_single_batch(fp32_model, tmp_path):
+    """Calibrating batch by batch merges ranges: the scales equal a one-batch calibration."""
+    _, fp32 = fp32_model
+    calib = make_data(70, seed=4)[0].numpy()
+    quantize_ptq(fp32, tmp_path / "a.onnx", calib, calib_batch_size=7)
+    quantize_ptq(fp32, tmp_path / "b.onnx", calib, calib_batch_size=70)
+    a = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "a.onnx")).graph.initializer
+    }
+    b = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer
+    }
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_nodes_to_exclude_keeps_node_float(fp32_model, tmp_path):
+    _, fp32 = fp32_model
+    calib = make_data(32, seed=5)[0].numpy()
+    conv = next(n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv")
+    report = quantize_ptq(fp32, tmp_path / "ex.onnx", calib, nodes_to_exclude=[conv])
+    assert report["settings"]["nodes_to_exclude"] == [conv]
+    assert report["ops_int8_optimized"]["QLinearConv"] == 2
+    assert report["ops_int8_optimized"]["Conv"] == 1
+
+
+def test_int8_activations(fp32_model, tmp_path):
+    _, fp32 = fp32_model
+    x = make_data(64, seed=5)[0].numpy()
+    quantize_ptq(fp32, tmp_path / "s8.onnx", x, activation_type="int8")
+    model = onnx.load(str(tmp_path / "s8.onnx"))
+    dtypes = {t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.UINT8 not in dtypes and onnx.TensorProto.INT8 in dtypes
+    agree = (_run(tmp_path / "s8.onnx", x).argmax(1) == _run(fp32, x).argmax(1)).mean()
+    assert agree >= 0.9
+
+
+def test_bad_arguments(fp32_model, tmp_path):
+    _, fp32 = fp32_model
+    good = make_data(8, seed=6)[0].numpy()
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match="calibrate_method"):
+        quantize_ptq(fp32, out, good, calibrate_method="kl")
+    with pytest.raises(ValueError, match="activation_type"):
+        quantize_ptq(fp32, out, good, activation_type="int4")
+    with pytest.raises(ValueError, match="percentile"):
+        quantize_ptq(fp32, out, good, calibrate_method="percentile", percentile=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        quantize_ptq(fp32, out, good[:0])
+    with pytest.raises(ValueError, match="rank"):
+        quantize_ptq(fp32, out, good[0])
+    with pytest.raises(ValueError, match="axis 2"):
+        quantize_ptq(fp32, out, np.zeros((4, 3, 8, 16), np.float32))
+    with pytest.raises(ValueError, match="floating"):
+        quantize_ptq(fp32, out, good.astype(np.uint8))
+    with pytest.raises(ValueError, match="nodes_to_exclude"):
+        quantize_ptq(fp32, out, good, nodes_to_exclude=["no_such_node"])
+    with pytest.raises(FileNotFoundError):
+        quantize_ptq(tmp_path / "missing.onnx", out, good)
+    assert not out.exists()
+
+
+def test_reader_batches_and_ranges():
+    data = np.arange(10 * 2, dtype=np.float64).reshape(10, 2)
+    reader = ArrayCalibrationReader(data, "input", batch_size=4)
+    assert len(reader) == 3
+    batches = list(iter(reader.get_next, None))
+    assert [b["input"].shape[0] for b in batches] == [4, 4, 2]
+    assert all(b["input"].dtype == np.float32 for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b["input"] for b in batches]), data)
+    reader.set_range(1, 2)
+    assert reader.get_next()["input"][0, 0] == 8.0 and reader.get_next() is None
+    with pytest.raises(ValueError):
+        ArrayCalibrationReader(data, "input", batch_size=0)
+
+
+def test_optimized_op_counts_of_float_model(fp32_model):
+    _, fp32 = fp32_model
+    counts = optimized_op_counts(fp32)
+    assert counts.get("Conv", 0) + counts.get("FusedConv", 0) == 3
+    assert "QLinearConv" not in counts
+
+
+def test_ptq_imports_without_torch():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import compresskit.quantize.ptq as p\n"
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "print(p.quantize_ptq.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "quantize_ptq"
