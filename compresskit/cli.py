@@ -216,7 +216,7 @@ def check(
     if bc.get("latency_threads") is None:
         bc["latency_threads"] = rep["config"].get("bench", {}).get("threads", [1])[0]
     reference = bc.pop("reference_model")
-    rows = rep["models"]
+    rows = rep["rows"]
     candidates = rep["verdict"].get("candidates") or [c["model"] for c in rep["verdict"].get("checks", [])]
     verdict = select_and_verdict(rows, candidates, bc, reference_model=reference)
     console.print(render_verdict(verdict), highlight=False)

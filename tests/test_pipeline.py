@@ -48,9 +48,9 @@ def test_every_stage_ran_and_wrote_artifacts(tiny_run):
 
 def test_report_rows_and_verdict(tiny_run):
     tmp, cfg, _, report, _ = tiny_run
-    names = [r["name"] for r in report["models"]]
+    names = [r["name"] for r in report["rows"]]
     assert names == ["teacher", "student_baseline", "student", "pruned", "ptq", "qat"]
-    rows = {r["name"]: r for r in report["models"]}
+    rows = {r["name"]: r for r in report["rows"]}
     # the task is learnable: trained models beat chance (0.25) clearly
     assert rows["teacher"]["accuracy"] > 0.6 and rows["student"]["accuracy"] > 0.5
     assert rows["pruned"]["macs"] < rows["student"]["macs"]
@@ -93,7 +93,7 @@ def test_gpu_recipe_runs_with_tiny_overrides(tmp_path):
     cfg = _cfg(tmp_path, ROOT / "pipelines" / "cifar10_mobilenetv2.yaml", overrides)
     outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
     assert {o.status for o in outcomes} == {"ran"}
-    assert {r["name"] for r in report["models"]} >= {"teacher", "student", "ptq"}
+    assert {r["name"] for r in report["rows"]} >= {"teacher", "student", "ptq"}
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
@@ -104,7 +104,7 @@ def test_default_pipeline_smoke(tmp_path):
                  "bench.max_seconds=0.2"]
     cfg = _cfg(tmp_path, ROOT / "pipelines" / "mobilenet_edge.yaml", overrides)
     outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
-    assert report["models"][0]["accuracy"] > 0.5
+    assert report["rows"][0]["accuracy"] > 0.5
 
 
 def test_check_command_rechecks_budgets(tiny_run):
