@@ -203,13 +203,14 @@ class StructuredPrune(Strict):
     global_pruning: bool = Field(False, description="Rank channels across layers instead of the same ratio per layer.")
     iterative_steps: int = Field(1, ge=1, le=100, description="Prune in this many steps.")
     round_to: int | None = Field(8, ge=1, description="Keep channel counts multiples of this (SIMD-friendly).")
-    ignored_layers: list[str] = Field(default_factory=list, description="Module paths never pruned (the classifier always is).")
+    ignored_layers: list[str] = Field(default_factory=list, description="Module paths (or shell patterns like features.*.conv.2.0) whose output channels are never pruned; the classifier never is.")
     max_layer_ratio: float = Field(0.95, gt=0.0, lt=1.0, description="No layer loses more than this fraction of its channels (matters with global_pruning).")
 
 
 class MagnitudePrune(Strict):
     method: Literal["magnitude"] = Field(description="Global unstructured L1 pruning: zeros weights, shapes stay (no speed-up on dense runtimes).")
     sparsity: float = Field(0.5, gt=0.0, lt=1.0, description="Fraction of conv/linear weights set to zero.")
+    ignored_layers: list[str] = Field(default_factory=list, description="Module paths (or shell patterns) left dense; the first conv and the classifier always are.")
 
 
 class FinetuneConfig(Strict):

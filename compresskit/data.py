@@ -312,7 +312,8 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     num_classes = len(names)
     if cfg.class_names is not None:
         if len(cfg.class_names) != num_classes:
-            raise DataError(f"data.class_names has {len(cfg.class_names)} names but the dataset has {num_classes} classes")
+            raise DataError(f"data.class_names has {len(cfg.class_names)} names but the dataset has "
+                            f"{num_classes} classes")
         names = list(cfg.class_names)
     mean, std = DEFAULT_NORM.get(cfg.dataset, ([0.5] * in_channels, [0.25] * in_channels))
     mean = list(cfg.mean) if cfg.mean is not None else list(mean)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -212,6 +213,27 @@ def _zero_fraction(modules: Iterable[nn.Module]) -> float:
 
 
 # ---------------------------------------------------------------- layer selection
+
+
+def expand_paths(model: nn.Module, patterns: Sequence[str], what: str = "ignored_layers") -> list[str]:
+    """Expand shell-style patterns ("features.*.conv.2.0") into module paths, in model order.
+
+    Plain paths pass through unchanged (and are checked later); a pattern matching nothing is
+    a ValueError, since it is almost certainly a typo.
+    """
+    if isinstance(patterns, str):
+        raise ValueError(f"{what} must be a list of module paths, got the string {patterns!r}")
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for pattern in patterns:
+        if not any(ch in pattern for ch in "*?["):
+            out.append(pattern)
+            continue
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"{what}: pattern {pattern!r} matches no module")
+        out.extend(matched)
+    return list(dict.fromkeys(out))
 
 
 def _check_paths(model: nn.Module, paths: Sequence[str], what: str) -> list[nn.Module]:
@@ -407,6 +429,7 @@ def prune_structured(
         batches = list(taylor_batches)
         if not batches:
             raise ValueError("taylor_batches is empty; Taylor importance needs at least one batch")
+    ignored_layers = expand_paths(model, ignored_layers)
     _check_paths(model, ignored_layers, "ignored_layers")
     param = next(model.parameters(), None)
     if param is not None and any(t.device != param.device for t in inputs):
@@ -529,6 +552,7 @@ def prune_magnitude(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if layers not in ("conv+linear", "conv"):
         raise ValueError(f"layers must be 'conv+linear' or 'conv', got {layers!r}")
+    ignored_layers = expand_paths(model, ignored_layers)
     _check_paths(model, ignored_layers, "ignored_layers")
     pruned = copy.deepcopy(model)
     ignored = [pruned.get_submodule(p) for p in ignored_layers]

@@ -94,8 +94,8 @@ class teacher:  # noqa: N801 - a stage is named like its YAML key
         spec = _spec(ctx, cfg.model)
         metrics: dict[str, Any] = {}
         if cfg.checkpoint is not None:
-            ckpt = read_checkpoint(Path(cfg.checkpoint))
             try:
+                ckpt = read_checkpoint(Path(cfg.checkpoint))
                 model = model_from_checkpoint(ckpt, spec)
             except (ValueError, RuntimeError) as err:
                 raise StageError(f"teacher.checkpoint {cfg.checkpoint}: {err}") from None
@@ -201,7 +201,8 @@ class prune:  # noqa: N801
             except ValueError as err:
                 raise StageError(f"prune: {err}") from None
         else:
-            result = pr.prune_magnitude(student, sparsity=p.sparsity, example_inputs=example)
+            result = pr.prune_magnitude(student, sparsity=p.sparsity, example_inputs=example,
+                                        ignored_layers=p.ignored_layers)
         model = result.model
         val_before = _evaluate(ctx, model, "val")
         res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune")
@@ -445,7 +446,33 @@ class report:  # noqa: N801
         rep = rp.build_report(run=ctx.cfg.name, config=ctx.cfg.model_dump(mode="json"), rows=rows,
                               verdict=verdict, environment=environment(), stages=stages)
         json_path, md_path = rp.write_report(ctx.layout.report_dir, rep)
+        outputs = {"report_json": json_path, "report_md": md_path}
+        deployed = _write_deployed(ctx, rows, verdict)
+        if deployed is not None:
+            outputs["deployed"] = deployed
         metrics = {"verdict": verdict, "report_json": str(json_path), "report_md": str(md_path),
+                   "deployed": str(deployed) if deployed else None,
                    "summary": f"{'PASS' if verdict['passed'] else 'FAIL'}: deploy {verdict.get('model')}",
                    "report": rep}
-        return {"report_json": json_path, "report_md": md_path}, metrics
+        return outputs, metrics
+
+
+def _write_deployed(ctx: RunContext, rows: list[dict], verdict: dict) -> Path | None:
+    """Copy the chosen model to report/deployed.onnx with its measured figures in metadata_props,
+    so the measurements travel with the model."""
+    import json
+
+    from compresskit.onnxinfo import write_metadata
+
+    row = next((r for r in rows if r["name"] == verdict.get("model")), None)
+    if row is None:
+        return None
+    figures = {"model": row["name"], "accuracy": row.get("accuracy"), "size_bytes": row.get("size_bytes"),
+               "macs": row.get("macs"), "params": row.get("params"),
+               "latency_p50_ms": {f"b{lat['batch_size']}_t{lat['threads']}": lat["p50_ms"]
+                                  for lat in row.get("latency", [])},
+               "budgets_passed": bool(verdict.get("passed")), "run": ctx.cfg.name}
+    out = ctx.stage_dir("report") / "deployed.onnx"
+    write_metadata(ctx.stage_dir("export") / f"{row['name']}.onnx",
+                   {"compresskit.metrics": json.dumps(figures)}, out=out)
+    return out

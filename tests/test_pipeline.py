@@ -119,3 +119,61 @@ def test_check_command_rechecks_budgets(tiny_run):
     assert ok.exit_code == 0, ok.output
     fail = runner.invoke(app, ["check", str(report_dir / "report.json"), "--max-latency-ms", "0.000001"])
     assert fail.exit_code == 1 and "max_latency_ms" in fail.output
+
+
+def test_deployed_model_carries_its_figures(tiny_run):
+    tmp, cfg, _, report, _ = tiny_run
+    model = onnx.load(tmp / "models" / cfg.name / "report" / "deployed.onnx")
+    props = {p.key: p.value for p in model.metadata_props}
+    figures = json.loads(props["compresskit.metrics"])
+    assert figures["model"] == report["verdict"]["model"]
+    row = next(r for r in report["rows"] if r["name"] == figures["model"])
+    assert figures["accuracy"] == row["accuracy"] and "compresskit.preprocess" in props
+
+
+def test_teacher_from_checkpoint(tiny_run, tmp_path):
+    """A compresskit checkpoint and a plain state dict both load as the teacher."""
+    import torch
+
+    src_tmp, cfg, _, _, _ = tiny_run
+    ckpt = src_tmp / "models" / cfg.name / "teacher" / "model.pt"
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.load(ckpt, weights_only=True)["state_dict"], plain)
+    for i, path in enumerate((ckpt, plain)):
+        run_cfg = _cfg(tmp_path / str(i), ROOT / "pipelines" / "tiny_synthetic.yaml", [f"teacher.checkpoint={path}"])
+        outcomes, _ = run_pipeline(run_cfg, quiet=True, log=lambda m: None, until="teacher")
+        assert [o.name for o in outcomes] == ["teacher"]
+        metrics = outcomes[0].metrics
+        assert metrics["loaded_from"] == str(path) and metrics["test_accuracy"] > 0.6
+
+
+def test_bad_teacher_checkpoint_fails_the_stage(tmp_path):
+    from compresskit.pipeline import StageError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml", [f"teacher.checkpoint={bad}"])
+    with pytest.raises((StageError, ValueError), match="bad.pt"):
+        run_pipeline(cfg, quiet=True, log=lambda m: None, until="teacher")
+    assert not (tmp_path / "models" / cfg.name / "teacher" / "model.pt").exists()
+
+
+def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
+    """Switching the pruner re-runs prune and what follows; teacher and distill come from cache."""
+    import shutil
+
+    src_tmp, cfg, _, _, _ = tiny_run
+    for stage in ("teacher", "distill"):
+        shutil.copytree(src_tmp / "models" / cfg.name / stage, tmp_path / "models" / cfg.name / stage)
+    run_cfg = _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml",
+                   ["prune.pruner={method: magnitude, sparsity: 0.6}", "quantize.qat.enabled=false"])
+    outcomes, report = run_pipeline(run_cfg, quiet=True, log=lambda m: None)
+    status = {o.name: o.status for o in outcomes}
+    assert status["teacher"] == "cached" and status["distill"] == "cached" and status["prune"] == "ran"
+    prune_metrics = next(o for o in outcomes if o.name == "prune").metrics
+    assert 0.55 < prune_metrics["prune"]["sparsity"] < 0.65
+    rows = {r["name"]: r for r in report["rows"]}
+    # same dense shapes, but the exported weights really are sparse
+    assert rows["pruned"]["params"] == rows["student"]["params"]
+    assert rows["pruned"]["nonzero_params"] < 0.6 * rows["pruned"]["params"]
+    assert "qat" not in rows and report["verdict"]["model"] == "ptq"

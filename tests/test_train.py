@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -55,3 +56,11 @@ def test_no_weight_decay_on_norms_and_biases():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model[0].weight) in decayed and id(model[0].bias) not in decayed
     assert id(model[1].weight) not in decayed
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_with_amp(synthetic_data):
+    model = _model()
+    cfg = TrainConfig(epochs=1, lr=0.05, amp="auto")
+    res = fit(model, CE(model), synthetic_data, cfg, device=torch.device("cuda"), quiet=True)
+    assert res.history[0]["train_loss"] > 0 and next(model.parameters()).is_cuda
