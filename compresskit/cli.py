@@ -69,6 +69,7 @@ def run(
     from_stage: Annotated[str | None, typer.Option("--from", help="Re-run this stage and every stage after it.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    traceback: Annotated[bool, typer.Option("--traceback", help="Show the full Python traceback when a stage fails.")] = False,
 ) -> None:
     """Run the pipeline: teacher, distill, prune, quantize, export, bench, report.
 
@@ -81,7 +82,7 @@ def run(
 
     try:
         outcomes, report = run_pipeline(cfg, force=set(force or ()), from_stage=from_stage, until=until,
-                                        quiet=quiet, log=lambda m: console.print(m, highlight=False, markup=False))
+                                        quiet=quiet, traceback=traceback, log=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         _config_errors(err)
     except DataError as err:
@@ -160,8 +161,10 @@ def bench(
         table.add_row(str(lat["batch_size"]), str(lat["threads"]), f"{lat['p50_ms']:.3f}",
                       f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}", f"{lat['throughput']:.0f}")
     console.print(table)
-    console.print(f"size {result['size_bytes'] / 1024:.1f} KiB, params {result['params']:,}, "
-                  f"MACs {result['macs'] / 1e6:.2f}M, int8 {result['int8']}"
+    params, macs = result.get("params"), result.get("macs")
+    console.print(f"size {result['size_bytes'] / 1024:.1f} KiB, "
+                  f"params {f'{params:,}' if params is not None else 'n/a'}, "
+                  f"MACs {f'{macs / 1e6:.2f}M' if macs is not None else 'n/a'}, int8 {result.get('int8', 'n/a')}"
                   + (f", accuracy {result['accuracy']:.2%}" if result.get("accuracy") is not None else ""),
                   highlight=False)
     if json_out:
@@ -199,6 +202,9 @@ def check(
         except ConfigError as err:
             _config_errors(err)
         b = raw.get("budgets", raw) if isinstance(raw, dict) else raw
+        if not isinstance(b, dict):
+            err_console.print(f"error {budgets}: expected a mapping of budgets (or a 'budgets:' section)")
+            raise typer.Exit(2)
     for key, val in (("min_accuracy", min_accuracy), ("max_accuracy_drop", max_accuracy_drop),
                      ("max_latency_ms", max_latency_ms), ("max_size_mb", max_size_mb)):
         if val is not None:
@@ -217,6 +223,8 @@ def check(
         bc["latency_threads"] = rep["config"].get("bench", {}).get("threads", [1])[0]
     reference = bc.pop("reference_model")
     rows = rep["rows"]
+    if not any(r["name"] == reference for r in rows):
+        reference = "student"
     candidates = rep["verdict"].get("candidates") or [c["model"] for c in rep["verdict"].get("checks", [])]
     verdict = select_and_verdict(rows, candidates, bc, reference_model=reference)
     console.print(render_verdict(verdict), highlight=False)

@@ -140,6 +140,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value.")
     channels_last: bool = Field(True, description="Train in channels_last memory format (faster convolutions on CPU and GPU).")
     amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="Mixed precision: auto = bf16/fp16 on CUDA, off on CPU.")
+    cache_teacher: bool = Field(True, description="Memoise teacher logits per image when inputs repeat exactly (no augmentation, logit-only loss terms); exact, and a KD step then costs about a student-only step.")
 
 
 # ------------------------------------------------------------------ distillation loss terms

@@ -118,18 +118,19 @@ class BatchTransform:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         x = x.float()
+        dev = x.device
         if self.hflip:
-            flip = torch.rand(x.shape[0], generator=gen) < 0.5
-            x[flip] = x[flip].flip(-1)
+            flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(dev)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if self.pad:
             n, _, h, w = x.shape
             padded = torch.nn.functional.pad(x, (self.pad,) * 4)
-            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
-            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen)
-            rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * self.pad)
-            x = padded.gather(2, rows)
-            cols = (dx.view(n, 1) + torch.arange(w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-            x = x.gather(3, cols)
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen).to(dev)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=gen).to(dev)
+            rows = (dy.view(n, 1) + torch.arange(h, device=dev)).view(n, 1, h, 1)
+            x = padded.gather(2, rows.expand(n, x.shape[1], h, w + 2 * self.pad))
+            cols = (dx.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
+            x = x.gather(3, cols.expand(n, x.shape[1], h, w))
         mean, inv_std = self.mean.to(x.device), self.inv_std.to(x.device)
         return (x - mean) * inv_std
 
@@ -154,17 +155,20 @@ class BatchLoader:
             order = torch.randperm(n, generator=self.gen) if self.shuffle else torch.arange(n)
             for i in range(0, n, self.batch_size):
                 idx = order[i:i + self.batch_size]
+                if self.shuffle and len(idx) < 2 < n:
+                    break  # a training batch of one sample breaks BatchNorm
                 yield self.split.images[idx], self.split.labels[idx]  # type: ignore[index]
         else:
+            drop_last = self.shuffle and n % self.batch_size == 1 and n > 2
             loader = DataLoader(self.split.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
-                                num_workers=self.num_workers, generator=self.gen,
+                                num_workers=self.num_workers, generator=self.gen, drop_last=drop_last,
                                 persistent_workers=False, pin_memory=self.device.type == "cuda")
             yield from loader
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self._raw_batches():
             x = x.to(self.device, non_blocking=True)
-            x = self.transform(x, self.gen if x.device.type == "cpu" else None)
+            x = self.transform(x, self.gen)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(self.device, non_blocking=True).long()
@@ -246,6 +250,10 @@ def _load_cifar10(cfg: DataConfig) -> tuple[Split, Split]:
     return out[0], out[1]
 
 
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
 def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
@@ -253,7 +261,7 @@ def _load_imagefolder(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     root = Path(cfg.root)  # type: ignore[arg-type]
     channels = cfg.channels or 3
     tf = [transforms.Resize((cfg.image_size, cfg.image_size))]
-    tf.append(transforms.Grayscale(1) if channels == 1 else transforms.Lambda(lambda im: im.convert("RGB")))
+    tf.append(transforms.Grayscale(1) if channels == 1 else transforms.Lambda(_to_rgb))
     tf.append(transforms.PILToTensor())
     transform = transforms.Compose(tf)
     splits = []
@@ -302,10 +310,13 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     else:
         train, test = _make_synthetic(cfg)
         names = [f"class_{i}" for i in range(cfg.synthetic.num_classes)]
-    if cfg.limit_train is not None and cfg.limit_train < len(train):
-        train = train.subset(torch.arange(cfg.limit_train))
-    if cfg.limit_test is not None and cfg.limit_test < len(test):
-        test = test.subset(torch.arange(cfg.limit_test))
+    def limit(split: Split, n: int | None) -> Split:
+        if n is None or n >= len(split):
+            return split
+        pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 1))[:n]
+        return split.subset(pick.sort().values)  # random, since image folders are sorted by class
+
+    train, test = limit(train, cfg.limit_train), limit(test, cfg.limit_test)
 
     sample, _ = (train.images[0], None) if train.images is not None else train.dataset[0]  # type: ignore[index]
     in_channels, h, w = sample.shape
@@ -318,8 +329,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     mean, std = DEFAULT_NORM.get(cfg.dataset, ([0.5] * in_channels, [0.25] * in_channels))
     mean = list(cfg.mean) if cfg.mean is not None else list(mean)
     std = list(cfg.std) if cfg.std is not None else list(std)
-    if len(mean) != in_channels:
-        raise DataError(f"data.mean has {len(mean)} values but the images have {in_channels} channels")
+    for key, values in (("mean", mean), ("std", std)):
+        if len(values) != in_channels:
+            raise DataError(f"data.{key} has {len(values)} values but the images have {in_channels} channels")
 
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * cfg.val_fraction))

@@ -31,6 +31,9 @@ import onnx
 import torch
 from torch import nn
 
+from compresskit.artifacts import atomic_path
+from compresskit.onnxinfo import read_metadata  # noqa: F401  (re-exported for users of this module)
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
@@ -261,17 +264,11 @@ def save_onnx(
     """Write ``metadata`` into ``model``, check it and save it atomically (temp file + rename)."""
     path = Path(path)
     if metadata:
-        write_metadata(model, metadata)
+        set_metadata(model, metadata)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return path
 
 
@@ -444,8 +441,8 @@ def labels_metadata(names: Sequence[str]) -> dict[str, str]:
     return {LABELS_KEY: json.dumps(names)}
 
 
-def write_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> onnx.ModelProto:
-    """Set ``metadata_props`` entries in place (existing keys are replaced, others kept)."""
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> onnx.ModelProto:
+    """Set ``metadata_props`` entries of an in-memory model in place (existing keys are replaced, others kept)."""
     for k, v in props.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata keys and values must be str, got {k!r}: {type(v).__name__}")
@@ -458,10 +455,4 @@ def write_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> onnx.Mod
     return model
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
+

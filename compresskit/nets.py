@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import pickle
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,8 @@ def load_callable(target: str) -> Callable[..., Any]:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected 'module:callable', got {target!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # user modules next to the pipeline file, as with python -m
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -291,6 +296,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"cannot read checkpoint {path} with weights_only=True (it holds Python objects "
+                         f"other than tensors; save only the state_dict): {str(err).splitlines()[0]}") from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

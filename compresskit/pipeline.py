@@ -20,6 +20,7 @@ from compresskit.artifacts import (
     config_hash,
     read_metrics,
     read_stage_record,
+    sha256_file,
     stage_up_to_date,
     write_metrics,
     write_stage_record,
@@ -47,6 +48,9 @@ class RunContext:
     layout: RunLayout
     log: Callable[[str], None]
     quiet: bool = False
+    traceback: bool = False
+    stage_key: str = ""
+    teacher_cache: dict[str, dict] = field(default_factory=dict)  # teacher file sha -> memoised logits
     outcomes: list[StageOutcome] = field(default_factory=list)
     _data: Any = None
     _device: Any = None
@@ -78,6 +82,11 @@ def preflight(cfg: PipelineConfig) -> None:
     from compresskit.data import check_data_available
 
     problems: list[tuple[str, str]] = []
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(("device", "cuda was asked for but CUDA is not available here (use auto or cpu)"))
     msg = check_data_available(cfg.data)
     if msg:
         problems.append(("data", msg))
@@ -102,22 +111,37 @@ def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
             built[key] = build_model(spec.model_dump(mode="json") | {"num_classes": classes, "in_channels": channels})
         except (ValueError, TypeError, KeyError, ImportError) as err:
             problems.append((key, str(err)))
-    loss_lists = [("distill.loss", cfg.distill.loss), ("prune.finetune.loss", cfg.prune.finetune.loss),
-                  ("quantize.qat.loss", cfg.quantize.qat.loss)]
+    loss_lists = [("distill.loss", cfg.distill.loss)]
+    if cfg.prune.enabled:
+        loss_lists.append(("prune.finetune.loss", cfg.prune.finetune.loss))
+    if cfg.quantize.qat.enabled:
+        loss_lists.append(("quantize.qat.loss", cfg.quantize.qat.loss))
     for where, terms in loss_lists:
         for i, term in enumerate(terms):
             for side, key in (("student", "distill.student"), ("teacher", "teacher.model")):
                 path = getattr(term, side, None)
-                if path is None or key not in built:
-                    continue
                 if where == "quantize.qat.loss" and side == "teacher":
                     key = "distill.student"  # QAT's teacher is the float student
+                if path is None or key not in built:
+                    continue
                 names = dict(built[key].named_modules())
                 if path not in names:
                     near = [n for n in names if n and n.split(".")[0] == path.split(".")[0]][:8]
                     problems.append((f"{where}.{i}.{side}",
                                      f"no module {path!r} in the {side} model"
                                      + (f" (e.g. {', '.join(near)})" if near else "")))
+    if cfg.prune.enabled and "distill.student" in built:
+        from compresskit.prune import expand_paths
+
+        try:
+            paths = expand_paths(built["distill.student"], cfg.prune.pruner.ignored_layers)
+        except ValueError as err:
+            problems.append(("prune.pruner.ignored_layers", str(err)))
+        else:
+            names = dict(built["distill.student"].named_modules())
+            for path in paths:
+                if path not in names:
+                    problems.append(("prune.pruner.ignored_layers", f"no module {path!r} in the student model"))
     return problems
 
 
@@ -138,11 +162,13 @@ def _stage_list(from_stage: str | None, until: str | None) -> list[str]:
     for name in (from_stage, until):
         if name is not None and name not in STAGES:
             raise ConfigError([("--from/--until", f"unknown stage {name!r}; stages: {', '.join(STAGES)}")])
+    if from_stage and until and STAGES.index(until) < STAGES.index(from_stage):
+        raise ConfigError([("--until", f"stage {until!r} comes before --from {from_stage!r}")])
     return list(STAGES)
 
 
 def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_stage: str | None = None,
-                 until: str | None = None, quiet: bool = False,
+                 until: str | None = None, quiet: bool = False, traceback: bool = False,
                  log: Callable[[str], None] = print) -> tuple[list[StageOutcome], dict[str, Any] | None]:
     """Run every stage (or up to `until`); returns the outcomes and the report (None if not reached)."""
     from compresskit import stages as st
@@ -158,7 +184,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_sta
     _seed_everything(cfg)
     layout = RunLayout(Path(cfg.models_dir), Path(cfg.reports_dir), cfg.name)
     outcomes: list[StageOutcome] = []
-    ctx = RunContext(cfg=cfg, layout=layout, log=log, quiet=quiet, outcomes=outcomes)
+    ctx = RunContext(cfg=cfg, layout=layout, log=log, quiet=quiet, traceback=traceback, outcomes=outcomes)
     funcs = {"teacher": st.teacher, "distill": st.distill, "prune": st.prune, "quantize": st.quantize,
              "export": st.export, "bench": st.bench, "report": st.report}
     report = None
@@ -201,11 +227,21 @@ def _run_stage(ctx: RunContext, name: str, fn, *, force: bool, outcomes: list[St
                             metrics=metrics)
     ctx.layout.ensure_stage_dir(name)
     ctx.log(f"[{name}] running")
+    # resume files are only trusted for exactly this config and these inputs
+    ctx.stage_key = config_hash({"config": chash, "inputs": {k: sha256_file(v) for k, v in inputs.items()}})
     t0 = time.perf_counter()
-    outputs, metrics = fn.run(ctx)
+    try:
+        outputs, metrics = fn.run(ctx)
+    except (StageError, KeyboardInterrupt):
+        raise
+    except (ValueError, RuntimeError, OSError) as err:
+        if ctx.traceback:
+            raise
+        raise StageError(f"{name}: {type(err).__name__}: {err}") from err
     wall = time.perf_counter() - t0
     metrics["wall_s"] = wall
     write_metrics(stage_dir, metrics)
+    outputs = {**outputs, "metrics": stage_dir / "metrics.json"}
     write_stage_record(stage_dir, stage=name, config_hash=chash, inputs=inputs, outputs=outputs,
                        wall_s=wall, extra={"summary": metrics.get("summary", "")})
     ctx.log(f"[{name}] done in {wall:.1f}s: {metrics.get('summary', '')}")

@@ -41,20 +41,43 @@ def _evaluate(ctx: RunContext, model, split: str) -> float:
     return evaluate(model, ctx.data.loader(split, device=ctx.device))["accuracy"]
 
 
-def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: str, **kw):
+# loss terms that read only the teacher's logits (so its outputs can be memoised)
+LOGIT_ONLY_TERMS = {"ce", "kd"}
+
+
+def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: str,
+         teacher_key: str | None = None, **kw):
+    """Train `model` with the loss `terms` (KD from `teacher`); teacher logits are memoised
+    across epochs and stages when the inputs repeat exactly."""
+    from compresskit.distill.cache import CachedTeacher
     from compresskit.distill.objective import build_objective
     from compresskit.train import fit
 
+    model.to(ctx.device)
+    if teacher is not None:
+        teacher.to(ctx.device)
+        data = ctx.data
+        repeatable = not data.hflip and not data.crop_padding
+        if (train_cfg.cache_teacher and repeatable and teacher_key
+                and all(_dump(t)["method"] in LOGIT_ONLY_TERMS for t in terms)):
+            teacher = CachedTeacher(teacher, ctx.teacher_cache.setdefault(teacher_key, {}))
     objective = build_objective([_dump(t) for t in terms], student=model, teacher=teacher,
-                                example_input=ctx.data.example_input(2))
+                                example_input=ctx.data.example_input(2).to(ctx.device))
     try:
         result = fit(model, objective, ctx.data, train_cfg, device=ctx.device, seed=ctx.cfg.seed,
                      desc=desc, resume_file=ctx.stage_dir(stage) / f"resume-{desc}.pt",
-                     resume_key=ctx.layout.run_dir.name + str(_dump(train_cfg)) + str([_dump(t) for t in terms]),
-                     quiet=ctx.quiet, log=ctx.log, **kw)
+                     resume_key=f"{ctx.stage_key}:{desc}", quiet=ctx.quiet, log=ctx.log, **kw)
     finally:
         objective.close()
+    if isinstance(teacher, CachedTeacher):
+        result.teacher_cache = {"hits": teacher.hits, "misses": teacher.misses}
     return result
+
+
+def _file_key(path: Path) -> str:
+    from compresskit.artifacts import sha256_file
+
+    return sha256_file(path)
 
 
 def _load(path: Path):
@@ -87,6 +110,8 @@ class teacher:  # noqa: N801 - a stage is named like its YAML key
 
     @staticmethod
     def run(ctx: RunContext) -> Result:
+        import torch
+
         from compresskit.nets import build_model, count_params, model_from_checkpoint, read_checkpoint, save_checkpoint
 
         cfg = ctx.cfg.teacher
@@ -100,9 +125,14 @@ class teacher:  # noqa: N801 - a stage is named like its YAML key
             except (ValueError, RuntimeError) as err:
                 raise StageError(f"teacher.checkpoint {cfg.checkpoint}: {err}") from None
             spec = ckpt.get("spec") or spec
+            want = (ctx.data.num_classes, ctx.data.in_channels)
+            if (spec["num_classes"], spec["in_channels"]) != want:
+                raise StageError(f"teacher.checkpoint {cfg.checkpoint} is for {spec['num_classes']} classes and "
+                                 f"{spec['in_channels']} input channels; the data has {want[0]} and {want[1]}")
             pruning, qat = ckpt.get("pruning"), ckpt.get("qat")
             metrics["loaded_from"] = str(cfg.checkpoint)
         else:
+            torch.manual_seed(ctx.cfg.seed)
             model = build_model(spec)
             res = _fit(ctx, model, None, [{"method": "ce", "weight": 1.0,
                                            "label_smoothing": cfg.train.label_smoothing}],
@@ -129,6 +159,8 @@ class distill:  # noqa: N801
 
     @staticmethod
     def run(ctx: RunContext) -> Result:
+        import torch
+
         from compresskit.nets import build_model, count_params, save_checkpoint
 
         cfg = ctx.cfg.distill
@@ -142,10 +174,11 @@ class distill:  # noqa: N801
             runs.append(("baseline", [{"method": "ce", "weight": 1.0,
                                        "label_smoothing": cfg.train.label_smoothing}]))
         for name, terms in runs:
+            torch.manual_seed(ctx.cfg.seed)
             model = build_model(spec)
             uses_teacher = any(_dump(t)["method"] != "ce" for t in terms)
             res = _fit(ctx, model, teacher_model if uses_teacher and cfg.enabled else None, terms,
-                       cfg.train, "distill", name)
+                       cfg.train, "distill", name, teacher_key=_file_key(ctx.stage_dir("teacher") / "model.pt"))
             test_acc = _evaluate(ctx, model, "test")
             path = stage_dir / ("model.pt" if name == "student" else "baseline.pt")
             save_checkpoint(path, model.cpu(), spec, meta={"stage": "distill", "test_accuracy": test_acc})
@@ -205,7 +238,8 @@ class prune:  # noqa: N801
                                         ignored_layers=p.ignored_layers)
         model = result.model
         val_before = _evaluate(ctx, model, "val")
-        res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune")
+        res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune",
+                   teacher_key=_file_key(ctx.stage_dir("teacher") / "model.pt"))
         pruning_state = None
         if p.method == "magnitude":
             model = pr.finalize_magnitude(model)
@@ -272,9 +306,10 @@ class quantize:  # noqa: N801
             observer = [torch.from_numpy(calib_x[i:i + 64]) for i in range(0, min(len(calib_x), 256), 64)]
             qmodel = qat.prepare_qat(float_model, example, per_channel=q.qat.per_channel,
                                      activation_dtype=q.qat.activation_type, observer_batches=observer)
+            epochs = q.qat.train.epochs
             res = _fit(ctx, qmodel, float_model, q.qat.loss, q.qat.train, "quantize", "qat",
-                       epoch_callback=qat.epoch_callback(q.qat.train.epochs)
-                       if hasattr(qat, "epoch_callback") else None)
+                       teacher_key=_file_key(_float_model_path(ctx)),
+                       epoch_callback=qat.epoch_callback(epochs) if epochs > 0 else None)
             test_acc = _evaluate(ctx, qmodel, "test")
             out = stage_dir / "qat.pt"
             save_checkpoint(out, qmodel.cpu(), ckpt["spec"], pruning=ckpt.get("pruning"),
@@ -326,6 +361,8 @@ class export:  # noqa: N801
 
         cfg = ctx.cfg.export
         stage_dir = ctx.stage_dir("export")
+        for stale in [*stage_dir.glob("*.onnx"), *stage_dir.glob("*.ort")]:
+            stale.unlink()  # models of disabled stages must not be benchmarked or deployed
         data = ctx.data
         meta = ex.preprocess_metadata(data.mean, data.std, channels=data.in_channels,
                                       size=list(data.image_size)) | ex.labels_metadata(data.class_names)
@@ -371,8 +408,12 @@ MODEL_ORDER = ("teacher", "student_baseline", "student", "pruned", "ptq", "qat")
 
 
 def _exported(ctx: RunContext) -> dict[str, Path]:
+    """The ONNX models this config's export stage writes (never leftovers of other configs)."""
+    names = set(_export_sources(ctx))
+    if ctx.cfg.quantize.ptq.enabled:
+        names.add("ptq")
     d = ctx.stage_dir("export")
-    return {n: d / f"{n}.onnx" for n in MODEL_ORDER if (d / f"{n}.onnx").is_file()}
+    return {n: d / f"{n}.onnx" for n in MODEL_ORDER if n in names}
 
 
 class bench:  # noqa: N801
@@ -404,13 +445,20 @@ STAGE_OF = {"teacher": "teacher", "student": "distill", "student_baseline": "dis
             "pruned": "prune", "ptq": "quantize", "qat": "quantize"}
 
 
+def _enabled_stages(ctx: RunContext) -> list[str]:
+    stages = ["teacher", "distill"]
+    if ctx.cfg.prune.enabled:
+        stages.append("prune")
+    if ctx.cfg.quantize.ptq.enabled or ctx.cfg.quantize.qat.enabled:
+        stages.append("quantize")
+    return stages + ["export", "bench"]
+
+
 class report:  # noqa: N801
     @staticmethod
     def plan(ctx: RunContext) -> Plan:
-        conf = {"budgets": _dump(ctx.cfg.budgets), "bench": _dump(ctx.cfg.bench)}
-        inputs = {f"{s}_metrics": ctx.stage_dir(s) / "metrics.json"
-                  for s in ("teacher", "distill", "prune", "quantize", "export", "bench")
-                  if (ctx.stage_dir(s) / "metrics.json").is_file()}
+        conf = {"config": ctx.cfg.model_dump(mode="json"), "report_dir": str(ctx.layout.report_dir)}
+        inputs = {f"{s}_metrics": ctx.stage_dir(s) / "metrics.json" for s in _enabled_stages(ctx)}
         return conf, inputs
 
     @staticmethod
@@ -421,8 +469,7 @@ class report:  # noqa: N801
         from compresskit.envinfo import environment
 
         bench_m = read_metrics(ctx.stage_dir("bench")) or {}
-        stage_metrics = {s: read_metrics(ctx.stage_dir(s)) or {}
-                         for s in ("teacher", "distill", "prune", "quantize", "export", "bench")}
+        stage_metrics = {s: read_metrics(ctx.stage_dir(s)) or {} for s in _enabled_stages(ctx)}
         rows = []
         measured = bench_m.get("models", {})
         for name in sorted(measured, key=lambda n: MODEL_ORDER.index(n) if n in MODEL_ORDER else 99):

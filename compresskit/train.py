@@ -36,6 +36,7 @@ class FitResult:
     images_per_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    teacher_cache: dict[str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -101,3 +101,24 @@ def test_bench_any_onnx(tmp_path):
 def test_check_missing_report(tmp_path):
     result = runner.invoke(app, ["check", str(tmp_path / "report.json")])
     assert result.exit_code == 2
+
+
+def test_cuda_without_cuda_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = runner.invoke(app, ["run", str(TINY), *_dirs(tmp_path), "--set", "device=cuda"])
+    assert result.exit_code == 2 and "device: cuda" in result.output
+    assert not (tmp_path / "models").exists()
+
+
+def test_bad_ignored_layer_pattern(tmp_path):
+    result = runner.invoke(app, ["validate", str(TINY), "--set", "prune.pruner.ignored_layers=[nothing.*]"])
+    assert result.exit_code == 2 and "prune.pruner.ignored_layers" in result.output
+
+
+def test_from_after_until_is_rejected(tmp_path):
+    result = runner.invoke(app, ["run", str(TINY), *_dirs(tmp_path), "--from", "bench", "--until", "distill"])
+    assert result.exit_code == 2 and "--until" in result.output
+    assert not (tmp_path / "models").exists()

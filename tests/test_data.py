@@ -80,3 +80,24 @@ def test_synthetic_is_deterministic():
     cfg = DataConfig(dataset="synthetic", synthetic=SyntheticConfig(num_train=32, num_test=16))
     a, b = load_data(cfg, seed=1), load_data(cfg, seed=1)
     assert torch.equal(a.train.images, b.train.images)
+
+
+def test_limits_pick_a_random_subset_not_the_first_images():
+    cfg = DataConfig(dataset="synthetic", limit_test=32, synthetic=SyntheticConfig(num_train=64, num_test=128))
+    full = load_data(cfg.model_copy(update={"limit_test": None}), seed=0)
+    part = load_data(cfg, seed=0)
+    assert len(part.test) == 32
+    assert not torch.equal(part.test.images, full.test.images[:32])
+
+
+def test_training_loader_drops_a_single_sample_batch(synthetic_data):
+    loader = synthetic_data.loader("train", batch_size=len(synthetic_data.train) - 1, shuffle=True)
+    sizes = [len(y) for _, y in loader]
+    assert sizes == [len(synthetic_data.train) - 1]
+
+
+@pytest.mark.gpu
+def test_augmentation_on_cuda(synthetic_data):
+    synthetic_data.hflip, synthetic_data.crop_padding = True, 2
+    x, _ = next(iter(synthetic_data.loader("train", shuffle=True, augment=True, device="cuda")))
+    assert x.is_cuda

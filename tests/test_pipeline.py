@@ -163,8 +163,9 @@ def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
     import shutil
 
     src_tmp, cfg, _, _, _ = tiny_run
-    for stage in ("teacher", "distill"):
-        shutil.copytree(src_tmp / "models" / cfg.name / stage, tmp_path / "models" / cfg.name / stage)
+    # the whole run, so a stale qat.onnx from the earlier config lies in export/
+    shutil.copytree(src_tmp / "models" / cfg.name, tmp_path / "models" / cfg.name)
+    assert (tmp_path / "models" / cfg.name / "export" / "qat.onnx").is_file()
     run_cfg = _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml",
                    ["prune.pruner={method: magnitude, sparsity: 0.6}", "quantize.qat.enabled=false"])
     outcomes, report = run_pipeline(run_cfg, quiet=True, log=lambda m: None)
@@ -177,3 +178,4 @@ def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
     assert rows["pruned"]["params"] == rows["student"]["params"]
     assert rows["pruned"]["nonzero_params"] < 0.6 * rows["pruned"]["params"]
     assert "qat" not in rows and report["verdict"]["model"] == "ptq"
+    assert not (tmp_path / "models" / cfg.name / "export" / "qat.onnx").exists()

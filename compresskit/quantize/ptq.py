@@ -35,6 +35,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from compresskit.artifacts import atomic_path
+
 CALIBRATE_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -270,14 +272,8 @@ def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, settings: Mappin
 
 
 def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
 
 
 def _counts(model: onnx.ModelProto) -> dict[str, int]:
