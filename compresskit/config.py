@@ -137,6 +137,7 @@ class TrainConfig(Strict):
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up (cosine/constant schedules).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy term.")
     batch_size: int | None = Field(None, ge=1, description="Override data.batch_size for this stage.")
+    max_batches_per_epoch: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (a fresh random subset every epoch); for short fine-tuning such as QAT.")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the gradient norm to this value.")
     channels_last: bool = Field(True, description="Train in channels_last memory format (faster convolutions on CPU and GPU).")
     amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="Mixed precision: auto = bf16/fp16 on CUDA, off on CPU.")

@@ -135,7 +135,10 @@ def fit(model: nn.Module, objective: nn.Module, data: DataBundle, cfg: TrainConf
     train_loader = data.loader("train", batch_size=cfg.batch_size, shuffle=True, augment=True,
                                device=device, channels_last=cfg.channels_last, seed=seed)
     val_loader = data.loader("val", device=device, channels_last=cfg.channels_last)
-    sched = make_scheduler(opt, cfg, len(train_loader))
+    steps = len(train_loader)
+    if cfg.max_batches_per_epoch is not None:
+        steps = min(steps, cfg.max_batches_per_epoch)
+    sched = make_scheduler(opt, cfg, steps)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
@@ -166,10 +169,12 @@ def fit(model: nn.Module, objective: nn.Module, data: DataBundle, cfg: TrainConf
                 epoch_callback(epoch, model)
             model.train()
             objective.train()
-            b_task = progress.add_task(f"{desc} epoch {epoch + 1}", total=len(train_loader), info="")
+            b_task = progress.add_task(f"{desc} epoch {epoch + 1}", total=steps, info="")
             loss_sum, correct, count = 0.0, 0, 0
             t0 = time.perf_counter()
-            for x, y in train_loader:
+            for step, (x, y) in enumerate(train_loader):
+                if step >= steps:
+                    break
                 ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
                 with ctx:
                     out = objective(x, y)
@@ -200,7 +205,7 @@ def fit(model: nn.Module, objective: nn.Module, data: DataBundle, cfg: TrainConf
             seen_images += count
             progress.remove_task(b_task)
             val = evaluate(model, val_loader)
-            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, count),
+            record = {"epoch": epoch + 1, "images": count, "train_loss": loss_sum / max(1, count),
                       "train_accuracy": correct / max(1, count), "val_accuracy": val["accuracy"],
                       "val_loss": val["loss"], "lr": opt.param_groups[0]["lr"],
                       "images_per_s": count / max(epoch_time, 1e-9), "seconds": epoch_time}

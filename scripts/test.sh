@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with the test extra and run the test suite (no GPU needed).
+# Extra arguments go to pytest, e.g.: bash scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+source scripts/_venv.sh
+ensure_venv ".[test]"
 .venv/bin/python -m pytest -q "$@"

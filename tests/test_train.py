@@ -64,3 +64,11 @@ def test_fit_on_cuda_with_amp(synthetic_data):
     cfg = TrainConfig(epochs=1, lr=0.05, amp="auto")
     res = fit(model, CE(model), synthetic_data, cfg, device=torch.device("cuda"), quiet=True)
     assert res.history[0]["train_loss"] > 0 and next(model.parameters()).is_cuda
+
+
+def test_max_batches_per_epoch_limits_the_steps(synthetic_data):
+    model = _model()
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=16, max_batches_per_epoch=3)
+    res = fit(model, CE(model), synthetic_data, cfg, device=torch.device("cpu"), quiet=True)
+    # 144 training images, batch 16: 9 batches an epoch, limited to 3
+    assert [h["images"] for h in res.history] == [48, 48]
