@@ -99,12 +99,16 @@ def test_gpu_recipe_runs_with_tiny_overrides(tmp_path):
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="needs dataset-fashion-mnist")
 @pytest.mark.slow
 def test_default_pipeline_smoke(tmp_path):
-    overrides = ["data.limit_train=2000", "data.limit_test=500", "teacher.train.epochs=1",
-                 "distill.train.epochs=1", "prune.finetune.train.epochs=1", "quantize.qat.train.epochs=1",
+    """The shipped default on real Fashion-MNIST, shortened: 6000 training images, few epochs."""
+    overrides = ["data.limit_train=6000", "data.limit_test=1000", "teacher.train.epochs=2",
+                 "distill.train.epochs=2", "prune.finetune.train.epochs=1", "quantize.qat.train.epochs=1",
                  "bench.max_seconds=0.2"]
     cfg = _cfg(tmp_path, ROOT / "pipelines" / "mobilenet_edge.yaml", overrides)
     outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
-    assert report["rows"][0]["accuracy"] > 0.5
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"teacher", "student", "pruned", "ptq", "qat"}
+    assert rows["teacher"]["accuracy"] > 0.7 and rows["ptq"]["accuracy"] > 0.5
+    assert rows["ptq"]["params"] < rows["student"]["params"] < rows["teacher"]["params"] / 9
 
 
 def test_check_command_rechecks_budgets(tiny_run):
@@ -122,7 +126,9 @@ def test_check_command_rechecks_budgets(tiny_run):
 
 
 def test_deployed_model_carries_its_figures(tiny_run):
-    tmp, cfg, _, report, _ = tiny_run
+    tmp, cfg, _, _, _ = tiny_run
+    # earlier tests re-ran bench and report in this run directory: read the current report
+    report = json.loads((tmp / "reports" / cfg.name / "report.json").read_text())
     model = onnx.load(tmp / "models" / cfg.name / "report" / "deployed.onnx")
     props = {p.key: p.value for p in model.metadata_props}
     figures = json.loads(props["compresskit.metrics"])
@@ -175,7 +181,7 @@ def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
     assert 0.55 < prune_metrics["prune"]["sparsity"] < 0.65
     rows = {r["name"]: r for r in report["rows"]}
     # same dense shapes, but the exported weights really are sparse
-    assert rows["pruned"]["params"] == rows["student"]["params"]
+    assert 0.9 * rows["student"]["params"] <= rows["pruned"]["params"] <= rows["student"]["params"]
     assert rows["pruned"]["nonzero_params"] < 0.6 * rows["pruned"]["params"]
     assert "qat" not in rows and report["verdict"]["model"] == "ptq"
     assert not (tmp_path / "models" / cfg.name / "export" / "qat.onnx").exists()
