@@ -185,3 +185,22 @@ def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
     assert rows["pruned"]["nonzero_params"] < 0.6 * rows["pruned"]["params"]
     assert "qat" not in rows and report["verdict"]["model"] == "ptq"
     assert not (tmp_path / "models" / cfg.name / "export" / "qat.onnx").exists()
+
+
+def test_cli_run_prints_stage_table_and_verdict(tiny_run):
+    from typer.testing import CliRunner
+
+    from compresskit.cli import app
+
+    tmp, cfg, _, _, _ = tiny_run
+    result = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "tiny_synthetic.yaml"), "-q",
+                                      "--set", f"models_dir={tmp / 'models'}",
+                                      "--set", f"reports_dir={tmp / 'reports'}"])
+    assert result.exit_code == 0, result.output
+    assert "up to date, skipped" in result.output and "verdict: PASS" in result.output
+    failing = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "tiny_synthetic.yaml"), "-q",
+                                       "--set", f"models_dir={tmp / 'models'}",
+                                       "--set", f"reports_dir={tmp / 'reports'}",
+                                       "--set", "budgets.min_accuracy=1.0"])
+    assert failing.exit_code == 1 and "verdict: FAIL" in failing.output
+    assert (tmp / "reports" / cfg.name / "report.json").is_file()
