@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
+from tinynets import TinyNet
 from torch import nn
 
 from compresskit.export import (
@@ -23,27 +23,6 @@ from compresskit.export import (
     preprocess_metadata,
     read_metadata,
 )
-
-
-class TinyNet(nn.Module):
-    """Conv-BN-ReLU, depthwise conv, residual add, global pool, Linear."""
-
-    def __init__(self, num_classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        )
-        self.dw = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6()
-        )
-        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = F.relu(x + self.pw(self.dw(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 def _net() -> TinyNet:

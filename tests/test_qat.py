@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from tinynets import TinyNet, make_data
 from torch import nn
 
 from compresskit.export import export_onnx, parity_check, read_metadata
@@ -27,40 +28,6 @@ from compresskit.quantize.qat import (
     qat_state,
     rebuild_qat,
 )
-
-NUM_CLASSES = 4
-
-
-class TinyNet(nn.Module):
-    """Conv-BN-ReLU, depthwise conv, residual add, global pool, Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
-        )
-        self.dw = nn.Sequential(
-            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU6()
-        )
-        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(0.2)
-        self.fc = nn.Linear(8, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = F.relu(x + self.pw(self.dw(x)))
-        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))
-
-
-def make_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose class is a fixed smooth colour pattern plus noise (learnable in seconds)."""
-    g = torch.Generator().manual_seed(1234)
-    patterns = F.avg_pool2d(torch.randn(NUM_CLASSES, 3, 20, 20, generator=g), 5, stride=1)
-    patterns = patterns / patterns.std(dim=(1, 2, 3), keepdim=True)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    return patterns[y] + 0.5 * torch.randn(n, 3, 16, 16, generator=g), y
 
 
 def train(model: nn.Module, steps: int, lr: float, seed: int = 0) -> nn.Module:
@@ -80,7 +47,7 @@ def train(model: nn.Module, steps: int, lr: float, seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def float_net() -> TinyNet:
     torch.manual_seed(0)
-    return train(TinyNet(), steps=60, lr=1e-2)
+    return train(TinyNet(dropout=0.2), steps=60, lr=1e-2)
 
 
 def _calib(n: int = 64) -> list[torch.Tensor]:
@@ -191,7 +158,7 @@ def test_state_round_trip_with_weights_only_load(float_net, tmp_path):
         want = qat.eval()(x)
     for how in ("prepare", "rebuild"):
         torch.manual_seed(123)
-        fresh = TinyNet()  # fresh weights: everything must come from the checkpoint
+        fresh = TinyNet(dropout=0.2)  # fresh weights: everything must come from the checkpoint
         state = json.loads(ckpt["settings"])
         rebuilt = (
             prepare_qat(fresh, example, **state) if how == "prepare" else rebuild_qat(fresh, state)
