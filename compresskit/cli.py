@@ -241,9 +241,5 @@ def methods_distill() -> None:
         console.print(f"{name:<10} {desc}", highlight=False)
 
 
-def main() -> None:
-    app()
-
-
 if __name__ == "__main__":
     sys.exit(app())

@@ -158,13 +158,12 @@ def _shape_hint(cfg: PipelineConfig) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ runner
 
-def _stage_list(from_stage: str | None, until: str | None) -> list[str]:
+def _check_stage_range(from_stage: str | None, until: str | None) -> None:
     for name in (from_stage, until):
         if name is not None and name not in STAGES:
             raise ConfigError([("--from/--until", f"unknown stage {name!r}; stages: {', '.join(STAGES)}")])
     if from_stage and until and STAGES.index(until) < STAGES.index(from_stage):
         raise ConfigError([("--until", f"stage {until!r} comes before --from {from_stage!r}")])
-    return list(STAGES)
 
 
 def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_stage: str | None = None,
@@ -173,7 +172,8 @@ def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_sta
     """Run every stage (or up to `until`); returns the outcomes and the report (None if not reached)."""
     from compresskit import stages as st
 
-    order = _stage_list(from_stage, until)
+    _check_stage_range(from_stage, until)
+    order = list(STAGES)
     force = set(force or ())
     bad = force - set(STAGES)
     if bad:
@@ -189,7 +189,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_sta
              "export": st.export, "bench": st.bench, "report": st.report}
     report = None
     for name in order:
-        outcome = _run_stage(ctx, name, funcs[name], force=name in force, outcomes=outcomes)
+        outcome = _run_stage(ctx, name, funcs[name], force=name in force)
         outcomes.append(outcome)
         if name == "report":
             report = outcome.metrics.get("report")
@@ -211,7 +211,7 @@ def _seed_everything(cfg: PipelineConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-def _run_stage(ctx: RunContext, name: str, fn, *, force: bool, outcomes: list[StageOutcome]) -> StageOutcome:
+def _run_stage(ctx: RunContext, name: str, fn, *, force: bool) -> StageOutcome:
     """Plan the stage (hash + inputs), reuse it when up to date, else run and record it."""
     plan = fn.plan(ctx)  # -> (config dict, inputs dict) or None when the stage is disabled
     stage_dir = ctx.stage_dir(name)

@@ -11,7 +11,6 @@ stage is re-run after an interruption.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -234,7 +233,3 @@ def fit(model: nn.Module, objective: nn.Module, data: DataBundle, cfg: TrainConf
                      wall_s=time.perf_counter() - t_start,
                      images_per_s=seen_images / train_time if train_time else 0.0,
                      history=history, resumed_from=resumed)
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)
