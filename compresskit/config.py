@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from compresskit.config_terms import CETerm, KDTerm, LossTerm
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
@@ -145,36 +147,7 @@ class TrainConfig(Strict):
 
 
 # ------------------------------------------------------------------ distillation loss terms
-
-class CETerm(Strict):
-    method: Literal["ce"] = Field(description="Cross-entropy on the hard labels.")
-    weight: float = Field(1.0, ge=0.0, description="Weight of this term in the sum.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing.")
-
-
-class KDTerm(Strict):
-    method: Literal["kd"] = Field(description="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T)).")
-    weight: float = Field(0.9, ge=0.0, description="Weight of the soft-target term (the hard-label term is a separate 'ce' term).")
-    temperature: float = Field(4.0, gt=0.0, le=100.0, description="Softmax temperature T.")
-
-
-class FitNetTerm(Strict):
-    method: Literal["fitnet"] = Field(description="FitNet hint: MSE between a regressed student feature and a teacher feature.")
-    weight: float = Field(1.0, ge=0.0, description="Weight of this term.")
-    student: str = Field(min_length=1, description="Student module path whose output is the guided feature, e.g. features.6.")
-    teacher: str = Field(min_length=1, description="Teacher module path whose output is the hint, e.g. layers.1.")
-
-
-class ATTerm(Strict):
-    method: Literal["at"] = Field(description="Attention transfer: distance of normalized spatial attention maps.")
-    weight: float = Field(100.0, ge=0.0, description="Weight of this term.")
-    student: str = Field(min_length=1, description="Student module path.")
-    teacher: str = Field(min_length=1, description="Teacher module path.")
-    p: float = Field(2.0, gt=0.0, description="Exponent of the attention map (mean over channels of |f|^p).")
-
-
-LossTerm = Annotated[CETerm | KDTerm | FitNetTerm | ATTerm, Field(discriminator="method")]
-
+# one config model per method, in config_terms.py (a discriminated union on `method`)
 
 def default_kd_loss() -> list[LossTerm]:
     return [CETerm(method="ce", weight=0.1), KDTerm(method="kd", weight=0.9, temperature=4.0)]
@@ -182,11 +155,40 @@ def default_kd_loss() -> list[LossTerm]:
 
 # ------------------------------------------------------------------ stages
 
+class EnsembleMember(Strict):
+    model: ModelSpec | None = Field(None, description="Architecture of this extra teacher (default: teacher.model).")
+    checkpoint: Path | None = Field(None, description="Load this checkpoint instead of training the member.")
+    seed: int | None = Field(None, description="Training seed (default: the run's seed + the member's position).")
+
+
+def _specialist_train() -> TrainConfig:
+    return TrainConfig(epochs=2, lr=0.01, schedule="cosine")
+
+
+class SpecialistsConfig(Strict):
+    enabled: bool = Field(False, description="Train specialists for the classes the generalist (the teacher) confuses and use generalist + specialists as the teacher.")
+    count: int = Field(2, ge=1, le=100, description="Number of specialists.")
+    size: int = Field(3, ge=2, le=1000, description="Classes per specialist (each also has a dustbin class for all others).")
+    top_k: int = Field(2, ge=1, description="A specialist takes part for an image when one of its classes is in the generalist's top-k.")
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="Temperature of the generalist's soft targets that specialists are trained on.")
+    soft_weight: float = Field(0.5, ge=0.0, le=1.0, description="Share of the soft-target loss in a specialist's training loss (the rest: cross-entropy on its classes + dustbin).")
+    combine_steps: int = Field(30, ge=1, le=1000, description="Gradient steps that combine generalist and specialists into one distribution per image.")
+    train: TrainConfig = Field(default_factory=_specialist_train, description="Training of each specialist (initialised from the generalist).")
+
+
 class TeacherConfig(Strict):
     model: ModelSpec = Field(default_factory=lambda: ResNetSpec(arch="resnet", width=32, stem_stride=2),
                              description="Teacher architecture (also used to load a plain state-dict checkpoint).")
     checkpoint: Path | None = Field(None, description="Load this checkpoint instead of training (a compresskit checkpoint or a state dict).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings when no checkpoint is given.")
+    ensemble: list[EnsembleMember] = Field(default_factory=list, description="Extra teachers: with any, the teacher is an ensemble of teacher.model and these (the 'ensemble' loss term averages their soft targets).")
+    specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig, description="Generalist + specialists teacher (Hinton et al. 2015).")
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> TeacherConfig:
+        if self.ensemble and self.specialists.enabled:
+            raise ValueError("teacher.ensemble and teacher.specialists cannot be combined; choose one")
+        return self
 
 
 class DistillConfig(Strict):
@@ -306,6 +308,11 @@ class PipelineConfig(Strict):
             raise ValueError(f"budgets.latency_threads={b.latency_threads} is not in bench.threads={self.bench.threads}")
         if not self.distill.enabled and any(t.method != "ce" for t in self.distill.loss):
             raise ValueError("distill.enabled is false but distill.loss has teacher terms; use only 'ce' terms")
+        if any(t.method == "ensemble" for t in self.distill.loss) and not self.teacher.ensemble:
+            raise ValueError("distill.loss has an 'ensemble' term but teacher.ensemble lists no extra teachers")
+        for where, terms in (("prune.finetune.loss", self.prune.finetune.loss), ("quantize.qat.loss", self.quantize.qat.loss)):
+            if any(t.method == "ensemble" for t in terms):
+                raise ValueError(f"{where}: the 'ensemble' term is for the distill stage (its teacher here is one model)")
         return self
 
 

@@ -41,16 +41,13 @@ def _evaluate(ctx: RunContext, model, split: str) -> float:
     return evaluate(model, ctx.data.loader(split, device=ctx.device))["accuracy"]
 
 
-# loss terms that read only the teacher's logits (so its outputs can be memoised)
-LOGIT_ONLY_TERMS = {"ce", "kd"}
-
-
 def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: str,
          teacher_key: str | None = None, **kw):
     """Train `model` with the loss `terms` (KD from `teacher`); teacher logits are memoised
     across epochs and stages when the inputs repeat exactly."""
     from compresskit.distill.cache import CachedTeacher
     from compresskit.distill.objective import build_objective
+    from compresskit.distill.registry import TERMS
     from compresskit.train import fit
 
     model.to(ctx.device)
@@ -59,7 +56,7 @@ def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: st
         data = ctx.data
         repeatable = not data.hflip and not data.crop_padding
         if (train_cfg.cache_teacher and repeatable and teacher_key
-                and all(_dump(t)["method"] in LOGIT_ONLY_TERMS for t in terms)):
+                and all(TERMS[_dump(t)["method"]].teacher_logits_only for t in terms)):
             teacher = CachedTeacher(teacher, ctx.teacher_cache.setdefault(teacher_key, {}))
     objective = build_objective([_dump(t) for t in terms], student=model, teacher=teacher,
                                 example_input=ctx.data.example_input(2).to(ctx.device))

@@ -171,9 +171,12 @@ def fit(model: nn.Module, objective: nn.Module, data: DataBundle, cfg: TrainConf
             b_task = progress.add_task(f"{desc} epoch {epoch + 1}", total=steps, info="")
             loss_sum, correct, count = 0.0, 0, 0
             t0 = time.perf_counter()
+            set_epoch = getattr(objective, "set_epoch", None)
             for step, (x, y) in enumerate(train_loader):
                 if step >= steps:
                     break
+                if set_epoch is not None:
+                    set_epoch(epoch + step / steps)
                 ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
                 with ctx:
                     out = objective(x, y)

@@ -434,7 +434,7 @@ def test_kd_rejects_mismatched_classes_and_bad_input(nets, batch) -> None:
         build_objective(kd, student=student, teacher=teacher.to("meta"), example_input=batch[0])
 
 
-def test_methods_lists_every_term() -> None:
+def test_methods_lists_the_core_terms() -> None:
     listed = dict(methods())
-    assert list(listed) == ["ce", "kd", "fitnet", "at"]
+    assert {"ce", "kd", "fitnet", "at"} <= set(listed)
     assert all(isinstance(d, str) and d for d in listed.values())

@@ -131,6 +131,11 @@ class TermInputs:
 
     `teacher_logits` is None unless some term needs the teacher; `targets` is None in the dry
     run that `build_objective` makes to learn shapes. Feature dicts are keyed by module path.
+    `images` is the batch the student saw (schemes that run extra forwards read it), `epoch`
+    the training progress in epochs (2.5 = half-way through the third epoch; warm-ups read
+    it), `student` and `teacher` the models themselves (the teacher frozen; None when no term
+    needs it), and `teacher_members` the logits of each member when the teacher is an ensemble
+    (`compresskit.distill.ensemble.TeacherEnsemble`), else None.
     """
 
     logits: Tensor
@@ -138,6 +143,11 @@ class TermInputs:
     teacher_logits: Tensor | None
     student_features: Mapping[str, Tensor]
     teacher_features: Mapping[str, Tensor]
+    images: Tensor | None = None
+    epoch: float = 0.0
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    teacher_members: tuple[Tensor, ...] | None = None
 
 
 def _check_number(name: str, value: object, *, low: float, low_open: bool = False) -> float:
@@ -175,6 +185,13 @@ class Term(nn.Module):
     needs_teacher: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False
+    needs_images: ClassVar[bool] = False
+    needs_relations: ClassVar[bool] = False
+    """Compares samples of the batch with each other (needs batches of 2 or more)."""
+    needs_epoch: ClassVar[bool] = False
+    teacher_logits_only: ClassVar[bool] = False
+    """Reads nothing of the teacher but its logits on the batch images, so the teacher's
+    outputs may be memoised per image (`CachedTeacher`) when inputs repeat exactly."""
 
     def __init__(self, *, weight: float) -> None:
         super().__init__()
@@ -204,6 +221,7 @@ class CETerm(Term):
     method = "ce"
     description = "cross-entropy on the labels (optional label smoothing)"
     needs_targets = True
+    teacher_logits_only = True
 
     def __init__(self, *, weight: float, label_smoothing: float = 0.0) -> None:
         super().__init__(weight=weight)
@@ -230,6 +248,7 @@ class KDTerm(Term):
     method = "kd"
     description = "Hinton KD: T^2 * KL(teacher soft targets || student) at temperature T"
     needs_teacher = True
+    teacher_logits_only = True
 
     def __init__(self, *, weight: float, temperature: float = 4.0) -> None:
         super().__init__(weight=weight)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compresskit.distill.losses import TERMS, Term, TermInputs
+from compresskit.distill.losses import Term, TermInputs
+from compresskit.distill.registry import TEACHER_SCHEMES, TERMS
 from compresskit.distill.taps import FeatureTaps, unwrap_model
 
 __all__ = ["LossOutput", "Objective", "build_objective", "methods"]
@@ -36,8 +37,9 @@ class LossOutput:
 
 
 def methods() -> list[tuple[str, str]]:
-    """(method name, one-line description) of every available loss term."""
-    return [(name, cls.description) for name, cls in TERMS.items()]
+    """(method name, one-line description) of every distillation method: the loss terms, then
+    the teacher schemes configured in the teacher stage."""
+    return [(name, cls.description) for name, cls in TERMS.items()] + list(TEACHER_SCHEMES.items())
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
@@ -104,6 +106,7 @@ class Objective(nn.Module):
         object.__setattr__(self, "_teacher", teacher if self.needs_teacher else None)
         s_paths = [p for term in terms for p in term.student_paths()]
         t_paths = [p for term in terms for p in term.teacher_paths()]
+        self._epoch = 0.0
         self._student_taps = FeatureTaps(student, s_paths, what="student")
         try:
             self._teacher_taps = FeatureTaps(teacher, t_paths, what="teacher") if t_paths else None
@@ -129,21 +132,35 @@ class Objective(nn.Module):
     def _all_taps(self) -> list[FeatureTaps]:
         return [t for t in (self._student_taps, self._teacher_taps) if t is not None]
 
+    def set_epoch(self, epoch: float) -> None:
+        """Tell the terms how far training is, in epochs (the training loop calls this each step)."""
+        self._epoch = float(epoch)
+
     def _run(self, student: nn.Module, images: Tensor, targets: Tensor | None) -> TermInputs:
         """Run student (and teacher if needed) once and collect what the terms read."""
         for taps in self._all_taps():
             taps.clear()
         logits = _as_logits(student(images), "student")
-        teacher_logits = None
+        teacher_logits, members = None, None
         if self._teacher is not None:
             with torch.no_grad():
-                teacher_logits = _as_logits(self._teacher(images), "teacher")
+                if callable(getattr(self._teacher, "forward_members", None)):
+                    members = tuple(_as_logits(m, "teacher member")
+                                    for m in self._teacher.forward_members(images))
+                    teacher_logits = self._teacher.combine(members)
+                else:
+                    teacher_logits = _as_logits(self._teacher(images), "teacher")
         return TermInputs(
             logits=logits,
             targets=targets,
             teacher_logits=teacher_logits,
             student_features=dict(self._student_taps.features),
             teacher_features=dict(self._teacher_taps.features) if self._teacher_taps else {},
+            images=images,
+            epoch=self._epoch,
+            student=student,
+            teacher=self._teacher,
+            teacher_members=members,
         )
 
     def _check_ready(self, images: Tensor) -> None:

@@ -1,0 +1,49 @@
+"""An ensemble of teachers, used as one teacher.
+
+`TeacherEnsemble(members)` runs every member; the objective reads each member's logits (for the
+`ensemble` term, which averages the members' soft targets at its own temperature) and the
+combined logits ``log(mean_k softmax(z_k))`` (for every other term: the ensemble's averaged
+prediction at temperature 1, as valid logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TeacherEnsemble", "average_probabilities"]
+
+
+def average_probabilities(member_logits: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+    """``mean_k softmax(z_k / T)`` over the members, in float32: (N, classes)."""
+    if not member_logits:
+        raise ValueError("an ensemble needs at least one member's logits")
+    shapes = {tuple(z.shape) for z in member_logits}
+    if len(shapes) != 1:
+        raise ValueError(f"ensemble members disagree on the logits shape: {sorted(shapes)}")
+    stacked = torch.stack([z.float() for z in member_logits])
+    return torch.softmax(stacked / temperature, dim=-1).mean(0)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several frozen teachers behind one module; `forward` returns the combined logits."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 teachers, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward_members(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Each member's logits on `x`."""
+        return tuple(member(x) for member in self.members)
+
+    @staticmethod
+    def combine(member_logits: Sequence[Tensor]) -> Tensor:
+        """Logits of the averaged prediction: ``log(mean_k softmax(z_k))``."""
+        return average_probabilities(member_logits).clamp_min(1e-12).log()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.combine(self.forward_members(x))

@@ -1,0 +1,7 @@
+"""Placeholder: filled in by the logit distillation terms."""
+
+from __future__ import annotations
+
+from compresskit.distill.losses import Term
+
+TERMS: dict[str, type[Term]] = {}
