@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from compresskit.config_terms import CETerm, KDTerm, LossTerm
+from compresskit.config_terms import TEACHER_FREE, CETerm, KDTerm, LossTerm
 
 
 class Strict(BaseModel):
@@ -306,8 +306,9 @@ class PipelineConfig(Strict):
             raise ValueError(f"budgets.latency_batch_size={b.latency_batch_size} is not in bench.batch_sizes={self.bench.batch_sizes}")
         if b.latency_threads is not None and b.latency_threads not in self.bench.threads:
             raise ValueError(f"budgets.latency_threads={b.latency_threads} is not in bench.threads={self.bench.threads}")
-        if not self.distill.enabled and any(t.method != "ce" for t in self.distill.loss):
-            raise ValueError("distill.enabled is false but distill.loss has teacher terms; use only 'ce' terms")
+        if not self.distill.enabled and any(t.method not in TEACHER_FREE for t in self.distill.loss):
+            raise ValueError("distill.enabled is false but distill.loss has terms that need a teacher; use only "
+                             f"{', '.join(sorted(TEACHER_FREE))}")
         if any(t.method == "ensemble" for t in self.distill.loss) and not self.teacher.ensemble:
             raise ValueError("distill.loss has an 'ensemble' term but teacher.ensemble lists no extra teachers")
         for where, terms in (("prune.finetune.loss", self.prune.finetune.loss), ("quantize.qat.loss", self.quantize.qat.loss)):

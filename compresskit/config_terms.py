@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["LossTerm", "TERM_SPECS", "TermSpec"]
+__all__ = ["LossTerm", "TEACHER_FREE", "TERM_SPECS", "TermSpec"]
 
 _STUDENT = "Student module path whose output is read, e.g. features.6 (see model.named_modules())."
 _TEACHER = "Teacher module path whose output is read, e.g. layers.1."
@@ -239,3 +239,6 @@ LossTerm = Annotated[
 
 TERM_SPECS: dict[str, type[TermSpec]] = {cls.model_fields["method"].annotation.__args__[0]: cls for cls in _ALL}
 """Every term config model by its method name."""
+
+TEACHER_FREE = frozenset({"ce", "cskd", "dml", "byot", "ddgsd"})
+"""Methods that need no teacher (self-distillation and mutual learning)."""

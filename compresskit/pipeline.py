@@ -100,13 +100,16 @@ def preflight(cfg: PipelineConfig) -> None:
 
 
 def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
-    """Build teacher and student once (cheap) to check factories and feature-tap paths."""
+    """Build teacher and student once (cheap, untrained) to check factories, feature-tap paths and
+    that every loss term accepts the shapes it would pair (one dry forward, as training does)."""
     from compresskit.nets import build_model
 
-    channels, classes = _shape_hint(cfg)
+    channels, classes, size = _shape_hint(cfg)
     problems: list[tuple[str, str]] = []
     built = {}
-    for key, spec in (("teacher.model", cfg.teacher.model), ("distill.student", cfg.distill.student)):
+    specs = [("teacher.model", cfg.teacher.model), ("distill.student", cfg.distill.student)]
+    specs += [(f"teacher.ensemble.{i}.model", m.model) for i, m in enumerate(cfg.teacher.ensemble) if m.model]
+    for key, spec in specs:
         try:
             built[key] = build_model(spec.model_dump(mode="json") | {"num_classes": classes, "in_channels": channels})
         except (ValueError, TypeError, KeyError, ImportError) as err:
@@ -118,18 +121,20 @@ def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
         loss_lists.append(("quantize.qat.loss", cfg.quantize.qat.loss))
     for where, terms in loss_lists:
         for i, term in enumerate(terms):
-            for side, key in (("student", "distill.student"), ("teacher", "teacher.model")):
-                path = getattr(term, side, None)
+            for field_name, side, path in term.module_paths():
+                key = "teacher.model" if side == "teacher" else "distill.student"
                 if where == "quantize.qat.loss" and side == "teacher":
                     key = "distill.student"  # QAT's teacher is the float student
-                if path is None or key not in built:
+                if key not in built:
                     continue
                 names = dict(built[key].named_modules())
                 if path not in names:
                     near = [n for n in names if n and n.split(".")[0] == path.split(".")[0]][:8]
-                    problems.append((f"{where}.{i}.{side}",
+                    problems.append((f"{where}.{i}.{field_name}",
                                      f"no module {path!r} in the {side} model"
                                      + (f" (e.g. {', '.join(near)})" if near else "")))
+    if not problems and "teacher.model" in built and "distill.student" in built:
+        problems += _dry_run_objectives(cfg, built, loss_lists[:2], (channels, size, size))
     if cfg.prune.enabled and "distill.student" in built:
         from compresskit.prune import expand_paths
 
@@ -145,15 +150,45 @@ def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
     return problems
 
 
-def _shape_hint(cfg: PipelineConfig) -> tuple[int, int]:
+def _dry_run_objectives(cfg: PipelineConfig, built: dict, loss_lists, shape: tuple[int, int, int]):
+    """Build each stage's objective on the untrained models: shape pairings are checked before
+    any training (the stage builds it again on the trained models)."""
+    import torch
+
+    from compresskit.distill.objective import build_objective
+    from compresskit.distill.registry import TERMS
+
+    teacher = built["teacher.model"]
+    if cfg.teacher.ensemble:
+        from compresskit.distill.ensemble import TeacherEnsemble
+
+        members = [built.get(f"teacher.ensemble.{i}.model", teacher) for i in range(len(cfg.teacher.ensemble))]
+        teacher = TeacherEnsemble([teacher, *members])
+    problems = []
+    example = torch.zeros(2, *shape)
+    for where, terms in loss_lists:
+        dumped = [t.model_dump(mode="json") for t in terms]
+        needs_teacher = any(TERMS[t["method"]].needs_teacher for t in dumped)
+        if where == "distill.loss" and not cfg.distill.enabled:
+            needs_teacher = False
+        try:
+            build_objective(dumped, student=built["distill.student"], teacher=teacher if needs_teacher else None,
+                            example_input=example).close()
+        except ValueError as err:
+            problems.append((where, str(err)))
+    return problems
+
+
+def _shape_hint(cfg: PipelineConfig) -> tuple[int, int, int]:
+    """(channels, classes, image side) the data will have, from the config alone."""
     d = cfg.data
     if d.dataset == "synthetic":
-        return d.synthetic.channels, d.synthetic.num_classes
+        return d.synthetic.channels, d.synthetic.num_classes, d.synthetic.image_size
     if d.dataset == "fashion-mnist":
-        return 1, 10
+        return 1, 10, 28
     if d.dataset == "cifar10":
-        return 3, 10
-    return d.channels or 3, len(d.class_names) if d.class_names else 2
+        return 3, 10, 32
+    return d.channels or 3, len(d.class_names) if d.class_names else 2, d.image_size or 32
 
 
 # ------------------------------------------------------------------ runner

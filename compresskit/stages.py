@@ -42,7 +42,7 @@ def _evaluate(ctx: RunContext, model, split: str) -> float:
 
 
 def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: str,
-         teacher_key: str | None = None, **kw):
+         teacher_key: str | None = None, seed: int | None = None, **kw):
     """Train `model` with the loss `terms` (KD from `teacher`); teacher logits are memoised
     across epochs and stages when the inputs repeat exactly."""
     from compresskit.distill.cache import CachedTeacher
@@ -61,7 +61,8 @@ def _fit(ctx: RunContext, model, teacher, terms, train_cfg, stage: str, desc: st
     objective = build_objective([_dump(t) for t in terms], student=model, teacher=teacher,
                                 example_input=ctx.data.example_input(2).to(ctx.device))
     try:
-        result = fit(model, objective, ctx.data, train_cfg, device=ctx.device, seed=ctx.cfg.seed,
+        result = fit(model, objective, ctx.data, train_cfg, device=ctx.device,
+                     seed=ctx.cfg.seed if seed is None else seed,
                      desc=desc, resume_file=ctx.stage_dir(stage) / f"resume-{desc}.pt",
                      resume_key=f"{ctx.stage_key}:{desc}", quiet=ctx.quiet, log=ctx.log, **kw)
     finally:
@@ -98,52 +99,158 @@ def _cleanup_resume(stage_dir: Path) -> None:
 
 # ------------------------------------------------------------------ teacher
 
+def _one_teacher(ctx: RunContext, model_cfg, checkpoint: Path | None, seed: int, desc: str, where: str):
+    """Train (or load) one teacher: returns (model, spec, pruning, qat, metrics)."""
+    import torch
+
+    from compresskit.nets import build_model, model_from_checkpoint, read_checkpoint
+
+    spec = _spec(ctx, model_cfg)
+    metrics: dict[str, Any] = {}
+    if checkpoint is not None:
+        try:
+            ckpt = read_checkpoint(Path(checkpoint))
+            model = model_from_checkpoint(ckpt, spec)
+        except (ValueError, RuntimeError) as err:
+            raise StageError(f"{where} {checkpoint}: {err}") from None
+        spec = ckpt.get("spec") or spec
+        want = (ctx.data.num_classes, ctx.data.in_channels)
+        if (spec["num_classes"], spec["in_channels"]) != want:
+            raise StageError(f"{where} {checkpoint} is for {spec['num_classes']} classes and "
+                             f"{spec['in_channels']} input channels; the data has {want[0]} and {want[1]}")
+        metrics["loaded_from"] = str(checkpoint)
+        return model, spec, ckpt.get("pruning"), ckpt.get("qat"), metrics
+    cfg = ctx.cfg.teacher
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    res = _fit(ctx, model, None, [{"method": "ce", "weight": 1.0, "label_smoothing": cfg.train.label_smoothing}],
+               cfg.train, "teacher", desc, seed=seed)
+    metrics["fit"] = res.to_json()
+    return model, spec, None, None, metrics
+
+
+def _teacher_files(ctx: RunContext) -> list[Path]:
+    """Every file the teacher stage writes that the combined teacher is built from."""
+    cfg, d = ctx.cfg.teacher, ctx.stage_dir("teacher")
+    files = [d / "model.pt"] + [d / f"member_{i + 1}.pt" for i in range(len(cfg.ensemble))]
+    if cfg.specialists.enabled:
+        files += [d / f"specialist_{i + 1}.pt" for i in range(cfg.specialists.count)] + [d / "specialists.json"]
+    return files
+
+
+def _teacher_key(ctx: RunContext) -> str:
+    """Cache key of the combined teacher: the sha256 of its files."""
+    import hashlib
+
+    return hashlib.sha256("".join(_file_key(f) for f in _teacher_files(ctx)).encode()).hexdigest()
+
+
+def _load_teacher(ctx: RunContext):
+    """The teacher the distill and prune stages learn from: the teacher model, an ensemble of it
+    and teacher.ensemble, or generalist + specialists."""
+    import json
+
+    cfg, d = ctx.cfg.teacher, ctx.stage_dir("teacher")
+    model, _ = _load(d / "model.pt")
+    if cfg.ensemble:
+        from compresskit.distill.ensemble import TeacherEnsemble
+
+        return TeacherEnsemble([model] + [_load(d / f"member_{i + 1}.pt")[0] for i in range(len(cfg.ensemble))])
+    if cfg.specialists.enabled:
+        from compresskit.distill.specialists import GeneralistSpecialists
+
+        groups = json.loads((d / "specialists.json").read_text())["groups"]
+        specialists = [_load(d / f"specialist_{i + 1}.pt")[0] for i in range(len(groups))]
+        return GeneralistSpecialists(model, specialists, groups, top_k=cfg.specialists.top_k,
+                                     steps=cfg.specialists.combine_steps)
+    return model
+
+
 class teacher:  # noqa: N801 - a stage is named like its YAML key
     @staticmethod
     def plan(ctx: RunContext) -> Plan:
-        conf = {"teacher": _dump(ctx.cfg.teacher), "device": ctx.cfg.device} | _data_key(ctx)
-        inputs = {"checkpoint": Path(ctx.cfg.teacher.checkpoint)} if ctx.cfg.teacher.checkpoint else {}
+        t = _dump(ctx.cfg.teacher)
+        if not t["ensemble"]:  # unused schemes do not change the key (earlier runs stay valid)
+            del t["ensemble"]
+        if not t["specialists"]["enabled"]:
+            del t["specialists"]
+        conf = {"teacher": t, "device": ctx.cfg.device} | _data_key(ctx)
+        inputs = {}
+        if ctx.cfg.teacher.checkpoint:
+            inputs["checkpoint"] = Path(ctx.cfg.teacher.checkpoint)
+        for i, member in enumerate(ctx.cfg.teacher.ensemble):
+            if member.checkpoint:
+                inputs[f"member_{i + 1}_checkpoint"] = Path(member.checkpoint)
         return conf, inputs
 
     @staticmethod
     def run(ctx: RunContext) -> Result:
-        import torch
-
-        from compresskit.nets import build_model, count_params, model_from_checkpoint, read_checkpoint, save_checkpoint
+        from compresskit.nets import count_params, save_checkpoint
 
         cfg = ctx.cfg.teacher
-        out = ctx.stage_dir("teacher") / "model.pt"
-        spec = _spec(ctx, cfg.model)
-        metrics: dict[str, Any] = {}
-        if cfg.checkpoint is not None:
-            try:
-                ckpt = read_checkpoint(Path(cfg.checkpoint))
-                model = model_from_checkpoint(ckpt, spec)
-            except (ValueError, RuntimeError) as err:
-                raise StageError(f"teacher.checkpoint {cfg.checkpoint}: {err}") from None
-            spec = ckpt.get("spec") or spec
-            want = (ctx.data.num_classes, ctx.data.in_channels)
-            if (spec["num_classes"], spec["in_channels"]) != want:
-                raise StageError(f"teacher.checkpoint {cfg.checkpoint} is for {spec['num_classes']} classes and "
-                                 f"{spec['in_channels']} input channels; the data has {want[0]} and {want[1]}")
-            pruning, qat = ckpt.get("pruning"), ckpt.get("qat")
-            metrics["loaded_from"] = str(cfg.checkpoint)
-        else:
-            torch.manual_seed(ctx.cfg.seed)
-            model = build_model(spec)
-            res = _fit(ctx, model, None, [{"method": "ce", "weight": 1.0,
-                                           "label_smoothing": cfg.train.label_smoothing}],
-                       cfg.train, "teacher", "teacher")
-            metrics["fit"] = res.to_json()
-            pruning, qat = None, None
+        stage_dir = ctx.stage_dir("teacher")
+        out = stage_dir / "model.pt"
+        model, spec, pruning, qat, metrics = _one_teacher(ctx, cfg.model, cfg.checkpoint, ctx.cfg.seed,
+                                                          "teacher", "teacher.checkpoint")
         metrics["val_accuracy"] = _evaluate(ctx, model, "val")
         metrics["test_accuracy"] = _evaluate(ctx, model, "test")
         metrics["params"] = count_params(model)
         save_checkpoint(out, model.cpu(), spec, pruning=pruning, qat=qat,
                         meta={"stage": "teacher", "test_accuracy": metrics["test_accuracy"]})
-        _cleanup_resume(out.parent)
-        metrics["summary"] = f"test {metrics['test_accuracy']:.2%}, {metrics['params'] / 1e6:.2f}M params"
-        return {"model": out}, metrics
+        outputs = {"model": out}
+        summary = f"test {metrics['test_accuracy']:.2%}, {metrics['params'] / 1e6:.2f}M params"
+        if cfg.ensemble:
+            members = []
+            for i, member in enumerate(cfg.ensemble):
+                seed = member.seed if member.seed is not None else ctx.cfg.seed + i + 1
+                m_model, m_spec, m_pruning, m_qat, m_metrics = _one_teacher(
+                    ctx, member.model or cfg.model, member.checkpoint, seed, f"member{i + 1}",
+                    f"teacher.ensemble.{i}.checkpoint")
+                m_metrics["test_accuracy"] = _evaluate(ctx, m_model, "test")
+                path = stage_dir / f"member_{i + 1}.pt"
+                save_checkpoint(path, m_model.cpu(), m_spec, pruning=m_pruning, qat=m_qat,
+                                meta={"stage": "teacher", "test_accuracy": m_metrics["test_accuracy"]})
+                outputs[f"member_{i + 1}"] = path
+                members.append(m_metrics)
+            metrics["ensemble"] = {"members": members, "test_accuracy": _evaluate(ctx, _load_teacher(ctx), "test")}
+            summary += f"; ensemble of {len(members) + 1}: test {metrics['ensemble']['test_accuracy']:.2%}"
+        if cfg.specialists.enabled:
+            metrics["specialists"] = _train_specialists(ctx, model, spec)
+            for i in range(cfg.specialists.count):
+                outputs[f"specialist_{i + 1}"] = stage_dir / f"specialist_{i + 1}.pt"
+            outputs["specialists"] = stage_dir / "specialists.json"
+            summary += (f"; generalist + {cfg.specialists.count} specialists: "
+                        f"test {metrics['specialists']['test_accuracy']:.2%}")
+        _cleanup_resume(stage_dir)
+        metrics["summary"] = summary
+        return outputs, metrics
+
+
+def _train_specialists(ctx: RunContext, generalist, spec: dict[str, Any]) -> dict[str, Any]:
+    """Group the classes the generalist confuses, train one specialist per group, save them."""
+    from compresskit.artifacts import atomic_write_json
+    from compresskit.distill import specialists as sp
+    from compresskit.nets import save_checkpoint
+
+    cfg, stage_dir, dev = ctx.cfg.teacher.specialists, ctx.stage_dir("teacher"), ctx.device
+    generalist.to(dev)
+    conf = sp.confusion_matrix(generalist, ctx.data.loader("val", device=dev), ctx.data.num_classes, device=dev)
+    try:
+        groups = sp.group_confused_classes(conf, count=cfg.count, size=cfg.size)
+    except ValueError as err:
+        raise StageError(f"teacher.specialists: {err}") from None
+    info: dict[str, Any] = {"groups": groups, "specialists": []}
+    for i, group in enumerate(groups):
+        model = sp.train_specialist(generalist, spec, group, ctx.data, cfg.train, temperature=cfg.temperature,
+                                    soft_weight=cfg.soft_weight, device=dev, seed=ctx.cfg.seed + i,
+                                    quiet=ctx.quiet, log=ctx.log)
+        save_checkpoint(stage_dir / f"specialist_{i + 1}.pt", model.cpu(), sp.specialist_spec(spec, group),
+                        meta={"stage": "teacher", "specialist_classes": group})
+        info["specialists"].append({"classes": group})
+    atomic_write_json(stage_dir / "specialists.json", {"groups": groups})
+    info["generalist_test_accuracy"] = _evaluate(ctx, generalist, "test")
+    info["test_accuracy"] = _evaluate(ctx, _load_teacher(ctx), "test")
+    return info
 
 
 # ------------------------------------------------------------------ distill
@@ -152,7 +259,8 @@ class distill:  # noqa: N801
     @staticmethod
     def plan(ctx: RunContext) -> Plan:
         conf = {"distill": _dump(ctx.cfg.distill), "device": ctx.cfg.device} | _data_key(ctx)
-        return conf, {"teacher": ctx.stage_dir("teacher") / "model.pt"}
+        extra = {f"teacher_{f.stem}": f for f in _teacher_files(ctx)[1:]}
+        return conf, extra | {"teacher": ctx.stage_dir("teacher") / "model.pt"}
 
     @staticmethod
     def run(ctx: RunContext) -> Result:
@@ -162,7 +270,9 @@ class distill:  # noqa: N801
 
         cfg = ctx.cfg.distill
         stage_dir = ctx.stage_dir("distill")
-        teacher_model, _ = _load(ctx.stage_dir("teacher") / "model.pt")
+        from compresskit.distill.registry import TERMS
+
+        teacher_model = _load_teacher(ctx)
         spec = _spec(ctx, cfg.student)
         outputs: dict[str, Path] = {}
         metrics: dict[str, Any] = {}
@@ -173,9 +283,9 @@ class distill:  # noqa: N801
         for name, terms in runs:
             torch.manual_seed(ctx.cfg.seed)
             model = build_model(spec)
-            uses_teacher = any(_dump(t)["method"] != "ce" for t in terms)
+            uses_teacher = any(TERMS[_dump(t)["method"]].needs_teacher for t in terms)
             res = _fit(ctx, model, teacher_model if uses_teacher and cfg.enabled else None, terms,
-                       cfg.train, "distill", name, teacher_key=_file_key(ctx.stage_dir("teacher") / "model.pt"))
+                       cfg.train, "distill", name, teacher_key=_teacher_key(ctx))
             test_acc = _evaluate(ctx, model, "test")
             path = stage_dir / ("model.pt" if name == "student" else "baseline.pt")
             save_checkpoint(path, model.cpu(), spec, meta={"stage": "distill", "test_accuracy": test_acc})
@@ -199,8 +309,8 @@ class prune:  # noqa: N801
         if not ctx.cfg.prune.enabled:
             return None
         conf = {"prune": _dump(ctx.cfg.prune), "device": ctx.cfg.device} | _data_key(ctx)
-        return conf, {"student": ctx.stage_dir("distill") / "model.pt",
-                      "teacher": ctx.stage_dir("teacher") / "model.pt"}
+        return conf, {f"teacher_{f.stem}": f for f in _teacher_files(ctx)[1:]} | {
+            "student": ctx.stage_dir("distill") / "model.pt", "teacher": ctx.stage_dir("teacher") / "model.pt"}
 
     @staticmethod
     def run(ctx: RunContext) -> Result:
@@ -212,7 +322,7 @@ class prune:  # noqa: N801
         cfg = ctx.cfg.prune
         stage_dir = ctx.stage_dir("prune")
         student, ckpt = _load(ctx.stage_dir("distill") / "model.pt")
-        teacher_model, _ = _load(ctx.stage_dir("teacher") / "model.pt")
+        teacher_model = _load_teacher(ctx)
         example = ctx.data.example_input(1)
         p = cfg.pruner
         if p.method == "structured":
@@ -236,7 +346,7 @@ class prune:  # noqa: N801
         model = result.model
         val_before = _evaluate(ctx, model, "val")
         res = _fit(ctx, model, teacher_model, cfg.finetune.loss, cfg.finetune.train, "prune", "finetune",
-                   teacher_key=_file_key(ctx.stage_dir("teacher") / "model.pt"))
+                   teacher_key=_teacher_key(ctx))
         pruning_state = None
         if p.method == "magnitude":
             model = pr.finalize_magnitude(model)

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from compresskit.config_terms import TERM_SPECS
+from compresskit.config_terms import TEACHER_FREE, TERM_SPECS
 from compresskit.distill import methods
 from compresskit.distill.registry import TEACHER_SCHEMES, TERMS
 
@@ -40,3 +40,7 @@ def test_methods_lists_terms_then_teacher_schemes() -> None:
     names = [name for name, _ in methods()]
     assert names == [*TERM_SPECS, *TEACHER_SCHEMES]
     assert all(desc and "\n" not in desc for _, desc in methods())
+
+
+def test_teacher_free_methods_are_those_that_need_no_teacher() -> None:
+    assert set(TEACHER_FREE) == {name for name, cls in TERMS.items() if not cls.needs_teacher}

@@ -215,9 +215,14 @@ class Objective(nn.Module):
             self._teacher.requires_grad_(False).eval()
 
     def close(self) -> None:
-        """Remove all feature hooks from student and teacher; safe to call twice."""
+        """Remove all feature hooks from student and teacher (the objective's taps, and any a term
+        keeps: a term with a `close()` method is closed too); safe to call twice."""
         for taps in self._all_taps():
             taps.remove()
+        for term in self.terms:
+            closer = getattr(term, "close", None)
+            if callable(closer):
+                closer()
 
     def __enter__(self) -> Objective:
         return self
