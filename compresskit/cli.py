@@ -234,7 +234,7 @@ def check(
 
 @methods_app.command("distill")
 def methods_distill() -> None:
-    """Print every distillation loss term: name, then a short description."""
+    """Print every distillation method (loss terms, then teacher schemes): name, then a short description."""
     from compresskit.distill.objective import methods
 
     for name, desc in methods():

@@ -44,3 +44,16 @@ def test_methods_lists_terms_then_teacher_schemes() -> None:
 
 def test_teacher_free_methods_are_those_that_need_no_teacher() -> None:
     assert set(TEACHER_FREE) == {name for name, cls in TERMS.items() if not cls.needs_teacher}
+
+
+def test_readme_table_lists_every_method_with_its_knobs() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines() if line.startswith("| `")}
+    for name, _ in methods():
+        assert name in rows, f"README's method table has no row for {name}"
+    for name, spec in TERM_SPECS.items():
+        for field in spec.model_fields:
+            if field != "method":
+                assert f"`{field}`" in rows[name], f"README row of {name} does not list {field}"
