@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="module paths for other architectures, as JSON: keys s_map, t_map, s_pair, t_pair, "
                          "s_emb, t_emb, byot_heads")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override key=value")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of methods not run now from an earlier result file")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "distill_methods")
     ap.add_argument("--workdir", type=Path, default=ROOT / "models" / "bench-distill")
     args = ap.parse_args(argv)
@@ -164,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name:14s} test {row['test_accuracy']:.2%}  train {row['train_s']:.0f} s  "
               f"({row['images_per_s']:.0f} img/s)", flush=True)
+    if args.merge and args.out.with_suffix(".json").is_file():
+        done = {r["method"] for r in rows}
+        earlier = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+        rows = [r for r in earlier if r["method"] not in done] + rows
+        order = list(all_recipes)
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     write_table(rows, args, teacher_path)
     return 0
 
