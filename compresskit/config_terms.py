@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["LossTerm", "TEACHER_FREE", "TERM_SPECS", "TermSpec"]
 
@@ -114,6 +114,12 @@ class VIDTerm(TermSpec):
     teacher: str = Field(min_length=1, description=_TEACHER)
     init_variance: float = Field(5.0, gt=0.0, description="Initial per-channel variance sigma^2.")
     min_variance: float = Field(1.0e-5, gt=0.0, description="Lower bound added to the variance.")
+
+    @model_validator(mode="after")
+    def _variance_above_floor(self) -> VIDTerm:
+        if self.init_variance <= self.min_variance:
+            raise ValueError("init_variance must be greater than min_variance")
+        return self
 
 
 class FSPTerm(TermSpec):

@@ -9,6 +9,7 @@ file is written.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,7 +176,8 @@ def _dry_run_objectives(cfg: PipelineConfig, built: dict, loss_lists, shape: tup
             build_objective(dumped, student=built["distill.student"], teacher=teacher if needs_teacher else None,
                             example_input=example).close()
         except ValueError as err:
-            problems.append((where, str(err)))
+            found = re.match(r"terms\[(\d+)\]:? (?:\(\w+\):? )?(.*)", str(err), re.DOTALL)
+            problems.append((f"{where}.{found[1]}", found[2]) if found else (where, str(err)))
     return problems
 
 

@@ -40,6 +40,13 @@ BAD_CASES = {
     "missing dataset": (["--set", "data.dataset=fashion-mnist", "--set", "data.root=/nonexistent"],
                         "data: Fashion-MNIST not found"),
     "bad module path": (["--set", "distill.loss.2.student=features.99"], "distill.loss.2.student: no module"),
+    "bad path in a list": (["--set", "distill.loss.2={method: fsp, student: [features.1, features.77], "
+                            "teacher: [layers.0, layers.1]}"], "distill.loss.2.student: no module 'features.77'"),
+    "impossible pairing": (["--set", "distill.loss.2={method: nst, student: classifier, teacher: layers.1}"],
+                           "distill.loss.2: nst cannot pair student 'classifier'"),
+    "ensemble without members": (["--set", "distill.loss.1={method: ensemble}"],
+                                 "'ensemble' term but teacher.ensemble lists no extra teachers"),
+    "unknown method": (["--set", "distill.loss.1.method=kdd"], "distill.loss.1"),
 }
 
 

@@ -364,7 +364,7 @@ def test_channels_last_and_autocast(nets, batch) -> None:
 @pytest.mark.parametrize(
     ("terms", "pattern"),
     [
-        ([{"method": "dkd", "weight": 1.0}], r"unknown method 'dkd'.*ce, kd, fitnet, at"),
+        ([{"method": "kdd", "weight": 1.0}], r"unknown method 'kdd'.*ce, kd, dkd, dist"),
         ([{"weight": 1.0}], r"terms\[0\] has no 'method'"),
         ([{"method": "kd", "weight": 1.0, "temp": 2}], r"unknown option.*'temp'.*temperature"),
         ([{"method": "fitnet", "weight": 1.0, "student": "stage1"}], r"missing.*'teacher'"),

@@ -209,8 +209,11 @@ class Objective(nn.Module):
                 ) from err
         for taps in self._all_taps():
             taps.clear()
-        for term in self.terms:
-            term.setup(sample)
+        for index, term in enumerate(self.terms):
+            try:
+                term.setup(sample)
+            except ValueError as err:
+                raise ValueError(f"terms[{index}]: {err}") from None
         if self._teacher is not None:
             self._teacher.requires_grad_(False).eval()
 
