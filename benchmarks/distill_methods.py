@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ensemble" in recipe.get("teacher", {}):
             raw["teacher"]["train"]["epochs"] = args.member_epochs  # the main teacher is loaded
         for key, value in recipe.get("teacher", {}).items():
-            raw["teacher"][key] = copy.deepcopy(value)
+            earlier = raw["teacher"].get(key)
+            raw["teacher"][key] = (earlier | value) if isinstance(earlier, dict) else copy.deepcopy(value)
         if "specialists" in recipe.get("teacher", {}):
             raw["teacher"]["specialists"]["train"] = {"epochs": args.specialist_epochs, "lr": 0.01,
                                                      "schedule": "cosine"}

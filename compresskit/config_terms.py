@@ -193,7 +193,7 @@ class NSTTerm(TermSpec):
 # ------------------------------------------------------------------ schemes
 
 class DMLTerm(TermSpec):
-    method: Literal["dml"] = Field(description="Deep mutual learning (Zhang et al. 2018): peers of the student learn from each other; peer 0 is exported.")
+    method: Literal["dml"] = Field(description="Deep mutual learning (Zhang et al. 2018): the student and its peers learn from each other; the peers are dropped at export.")
     weight: float = Field(1.0, ge=0.0, description=_WEIGHT)
     peers: int = Field(1, ge=1, le=8, description="Extra peers (copies of the student architecture, freshly initialised), trained alongside.")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="Softmax temperature of the mutual KL terms.")

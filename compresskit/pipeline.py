@@ -134,6 +134,10 @@ def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
                     problems.append((f"{where}.{i}.{field_name}",
                                      f"no module {path!r} in the {side} model"
                                      + (f" (e.g. {', '.join(near)})" if near else "")))
+    sp = cfg.teacher.specialists
+    if sp.enabled and (sp.count * sp.size > classes or sp.size >= classes):
+        problems.append(("teacher.specialists", f"{sp.count} specialists of {sp.size} classes need at least "
+                         f"{max(sp.count * sp.size, sp.size + 1)} classes; the data has {classes}"))
     if not problems and "teacher.model" in built and "distill.student" in built:
         problems += _dry_run_objectives(cfg, built, loss_lists[:2], (channels, size, size))
     if cfg.prune.enabled and "distill.student" in built:

@@ -50,8 +50,11 @@ def test_every_method_runs_through_the_pipeline(tmp_path: Path) -> None:
     assert table.count("\n| ") == len(rows) + 1
 
 
-def test_recipes_are_valid_configs() -> None:
+def test_recipes_fit_the_default_pair() -> None:
+    """Every benchmark recipe is a valid config whose module paths exist in the default teacher
+    and student and whose shapes every term accepts (the pre-flight check, on untrained models)."""
     from compresskit.config import load_raw, validate_config
+    from compresskit.pipeline import _check_models
 
     bench = _bench()
     for name, recipe in bench.recipes().items():
@@ -59,5 +62,5 @@ def test_recipes_are_valid_configs() -> None:
         raw["distill"]["loss"] = recipe["loss"]
         for key, value in recipe.get("teacher", {}).items():
             raw["teacher"][key] = value
-        validate_config(raw)  # raises ConfigError naming the key on a bad recipe
-        assert recipe["loss"], name
+        cfg = validate_config(raw)  # raises ConfigError naming the key on a bad recipe
+        assert _check_models(cfg) == [], name

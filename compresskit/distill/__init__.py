@@ -14,7 +14,6 @@ Typical use from a training script::
 """
 
 from compresskit.distill.losses import (
-    TERMS,
     Term,
     TermInputs,
     at_loss,
@@ -23,6 +22,7 @@ from compresskit.distill.losses import (
     kd_loss,
 )
 from compresskit.distill.objective import LossOutput, Objective, build_objective, methods
+from compresskit.distill.registry import TERMS
 from compresskit.distill.taps import FeatureTaps
 
 __all__ = [

@@ -36,6 +36,11 @@ class TeacherEnsemble(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 teachers, got {len(members)}")
         self.members = nn.ModuleList(members)
 
+    @property
+    def primary(self) -> nn.Module:
+        """The model whose module paths feature terms name (teacher paths tap the first member)."""
+        return self.members[0]
+
     def forward_members(self, x: Tensor) -> tuple[Tensor, ...]:
         """Each member's logits on `x`."""
         return tuple(member(x) for member in self.members)

@@ -109,7 +109,9 @@ class Objective(nn.Module):
         self._epoch = 0.0
         self._student_taps = FeatureTaps(student, s_paths, what="student")
         try:
-            self._teacher_taps = FeatureTaps(teacher, t_paths, what="teacher") if t_paths else None
+            # a combined teacher (ensemble, generalist + specialists) is tapped on its primary model
+            tapped = getattr(teacher, "primary", teacher)
+            self._teacher_taps = FeatureTaps(tapped, t_paths, what="teacher") if t_paths else None
         except ValueError:
             self._student_taps.remove()
             raise
