@@ -151,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             raw["distill"]["train"]["max_batches_per_epoch"] = args.max_batches
         cfg = validate_config(raw)
         t0 = time.perf_counter()
-        outcomes, _ = run_pipeline(cfg, until="distill", quiet=True, log=lambda _: None)
+        try:
+            outcomes, _ = run_pipeline(cfg, until="distill", quiet=True, log=lambda _: None)
+        except Exception as err:  # noqa: BLE001 - one method failing must not lose the others' rows
+            print(f"{name:14s} FAILED: {type(err).__name__}: {err}", flush=True)
+            rows.append({"method": name, "terms": _describe_terms(recipe["loss"]),
+                         "error": f"{type(err).__name__}: {err}"})
+            continue
         wall = time.perf_counter() - t0
         run_dir = args.workdir / "methods"
         metrics = json.loads((run_dir / "distill" / "metrics.json").read_text())["student"]
@@ -197,6 +203,9 @@ def write_table(rows: list[dict], args, teacher_path: Path) -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['terms']} | failed: {r['error'][:80]} | | | |")
+            continue
         delta = "" if base is None or r["method"] == "student alone" else f"{(r['test_accuracy'] - base) * 100:+.2f} pt"
         extra = ""
         if "teacher_accuracy" in r:

@@ -209,6 +209,15 @@ class StructuredPrune(Strict):
     round_to: int | None = Field(8, ge=1, description="Keep channel counts multiples of this (SIMD-friendly).")
     ignored_layers: list[str] = Field(default_factory=list, description="Module paths (or shell patterns like features.*.conv.2.0) whose output channels are never pruned; the classifier never is.")
     max_layer_ratio: float = Field(0.95, gt=0.0, lt=1.0, description="No layer loses more than this fraction of its channels (matters with global_pruning).")
+    target_latency_ms: float | None = Field(None, gt=0.0, description="Pick the ratio by measuring: the smallest of search_ratios whose FP32 ONNX model runs at or below this p50 (budgets.latency_batch_size and latency_threads); replaces ratio.")
+    target_speedup: float | None = Field(None, gt=1.0, description="Pick the ratio by measuring: the smallest of search_ratios at least this much faster than the unpruned model; replaces ratio.")
+    search_ratios: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], min_length=1, description="Ratios tried in order by the target modes.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> StructuredPrune:
+        if self.target_latency_ms is not None and self.target_speedup is not None:
+            raise ValueError("give target_latency_ms or target_speedup, not both")
+        return self
 
 
 class MagnitudePrune(Strict):

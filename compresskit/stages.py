@@ -330,14 +330,23 @@ class prune:  # noqa: N801
             if p.importance == "taylor":
                 loader = ctx.data.loader("calib", batch_size=64)
                 taylor_batches = [batch for _, batch in zip(range(4), loader, strict=False)]
+            options = dict(importance=p.importance, global_pruning=p.global_pruning,
+                           iterative_steps=p.iterative_steps, round_to=p.round_to,
+                           ignored_layers=p.ignored_layers, max_layer_ratio=p.max_layer_ratio,
+                           taylor_batches=taylor_batches, loss_fn=torch.nn.functional.cross_entropy)
+            measure = _latency_probe(ctx, stage_dir, example)
             try:
-                result = pr.prune_structured(
-                    student, example, importance=p.importance, ratio=p.ratio,
-                    global_pruning=p.global_pruning, iterative_steps=p.iterative_steps,
-                    round_to=p.round_to, ignored_layers=p.ignored_layers,
-                    max_layer_ratio=p.max_layer_ratio,
-                    taylor_batches=taylor_batches,
-                    loss_fn=torch.nn.functional.cross_entropy)
+                if p.target_latency_ms is not None or p.target_speedup is not None:
+                    result, latency_info = pr.search_ratio(
+                        student, example, measure, ratios=p.search_ratios, target_latency_ms=p.target_latency_ms,
+                        target_speedup=p.target_speedup, **options)
+                else:
+                    result = pr.prune_structured(student, example, ratio=p.ratio, **options)
+                    before, after = measure(student), measure(result.model)
+                    latency_info = {"base_latency_ms": before, "tried": [{
+                        "ratio": p.ratio, "macs": result.macs_after, "params": result.params_after,
+                        "mac_ratio": result.macs_after / result.macs_before, "latency_ms": after,
+                        "latency_ratio": after / before}]}
             except ValueError as err:
                 raise StageError(f"prune: {err}") from None
         else:
@@ -362,12 +371,36 @@ class prune:  # noqa: N801
         metrics = {"prune": info, "val_accuracy_before_finetune": val_before, "fit": res.to_json(),
                    "val_accuracy": res.best_val_accuracy, "test_accuracy": test_acc}
         if p.method == "structured":
-            metrics["summary"] = (f"MACs {info['macs_before'] / 1e6:.2f}M -> {info['macs_after'] / 1e6:.2f}M, "
-                                  f"params {info['params_before'] / 1e3:.0f}k -> {info['params_after'] / 1e3:.0f}k, "
-                                  f"test {test_acc:.2%}")
+            metrics["latency"] = latency_info
+            row = latency_info["tried"][-1]
+            metrics["summary"] = (f"ratio {row['ratio']}: MACs {info['macs_before'] / 1e6:.2f}M -> "
+                                  f"{info['macs_after'] / 1e6:.2f}M (x{row['mac_ratio']:.2f}), FP32 latency "
+                                  f"x{row['latency_ratio']:.2f}, params {info['params_before'] / 1e3:.0f}k -> "
+                                  f"{info['params_after'] / 1e3:.0f}k, test {test_acc:.2%}")
         else:
             metrics["summary"] = f"sparsity {info['sparsity']:.1%} (dense kernels: no speed-up), test {test_acc:.2%}"
         return {"model": out}, metrics
+
+
+def _latency_probe(ctx: RunContext, stage_dir: Path, example):
+    """`model -> p50 ms` of its FP32 ONNX export with onnxruntime, at the latency budget's batch
+    size and thread count (what the deployed model is judged on)."""
+    import tempfile
+
+    from compresskit.bench import measure_latency
+    from compresskit.export import export_onnx
+
+    b, bench_cfg = ctx.cfg.budgets, ctx.cfg.bench
+    threads = b.latency_threads if b.latency_threads is not None else bench_cfg.threads[0]
+
+    def measure(model) -> float:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=stage_dir, prefix="probe-") as tmp:
+            path = export_onnx(model, Path(tmp) / "probe.onnx", example)
+            return measure_latency(path, b.latency_batch_size, threads=threads, warmup=bench_cfg.warmup,
+                                   min_runs=bench_cfg.min_runs, max_seconds=bench_cfg.max_seconds)["p50_ms"]
+
+    return measure
 
 
 # ------------------------------------------------------------------ quantize

@@ -102,22 +102,24 @@ def test_feature_terms_registered_in_config_order() -> None:
 
 
 def _factor_distance(f_s: np.ndarray, f_t: np.ndarray, p: int) -> float:
-    """mean_n || f_t/||f_t||_2 - f_s/||f_s||_2 ||_p by explicit loops."""
-    total = 0.0
+    """Mean over samples and elements of |f_t/||f_t||_2 - f_s/||f_s||_2|^p, by explicit loops."""
+    total, count = 0.0, 0
     for a, b in zip(f_s, f_t, strict=True):
         a, b = a.ravel(), b.ravel()
         a_n = a / math.sqrt(sum(v * v for v in a))
         b_n = b / math.sqrt(sum(v * v for v in b))
-        total += sum(abs(x - y) ** p for x, y in zip(b_n, a_n, strict=True)) ** (1.0 / p)
-    return total / len(f_s)
+        total += sum(abs(x - y) ** p for x, y in zip(b_n, a_n, strict=True))
+        count += len(a)
+    return total / count
 
 
 @pytest.mark.parametrize("p", [1, 2])
 def test_ft_factor_loss_matches_hand_formula(p: int) -> None:
     f_s = torch.tensor([[[[3.0, 0.0], [0.0, 4.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # (2, 1, 2, 2)
     f_t = torch.tensor([[[[0.0, 3.0], [4.0, 0.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])
-    # sample 0: (0,.6,.8,0) - (.6,0,0,.8): L1 = 2.8, L2 = 1.4142; sample 1: identical directions, 0
-    expected = {1: 2.8 / 2, 2: math.sqrt(2.0) / 2}[p]
+    # sample 0: (0,.6,.8,0) - (.6,0,0,.8): |d| = .6,.6,.8,.8 (sum 2.8, squares sum 2.0);
+    # sample 1: identical directions, 0; mean over 2 samples x 4 elements
+    expected = {1: 2.8 / 8, 2: 2.0 / 8}[p]
     assert factor_transfer_loss(f_s, f_t, p).item() == pytest.approx(expected, rel=1e-5)
     assert factor_transfer_loss(f_s, f_t, p).item() == pytest.approx(_factor_distance(_np(f_s), _np(f_t), p))
 

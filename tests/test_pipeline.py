@@ -204,3 +204,25 @@ def test_cli_run_prints_stage_table_and_verdict(tiny_run):
                                        "--set", "budgets.min_accuracy=1.0"])
     assert failing.exit_code == 1 and "verdict: FAIL" in failing.output
     assert (tmp / "reports" / cfg.name / "report.json").is_file()
+
+
+def test_prune_reports_measured_latency_and_picks_a_ratio_by_target(tiny_run, tmp_path):
+    import shutil
+
+    tmp, cfg, _, _, _ = tiny_run
+    fixed = json.loads((tmp / "models" / cfg.name / "prune" / "metrics.json").read_text())["latency"]
+    row = fixed["tried"][0]
+    assert row["ratio"] == 0.5 and 0 < row["mac_ratio"] < 1 and row["latency_ms"] > 0
+    assert row["latency_ratio"] == pytest.approx(row["latency_ms"] / fixed["base_latency_ms"])
+    # target mode, on a copy of the run: the smallest ratio that is fast enough (or the largest)
+    shutil.copytree(tmp / "models", tmp_path / "models")
+    cfg2 = _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml",
+                ["prune.pruner.target_speedup=1.05", "prune.pruner.search_ratios=[0.2,0.4,0.6]"])
+    outcomes, _ = run_pipeline(cfg2, from_stage="prune", until="prune", quiet=True, log=lambda _: None)
+    assert [o.status for o in outcomes if o.name == "prune"] == ["ran"]
+    info = json.loads((tmp_path / "models" / cfg.name / "prune" / "metrics.json").read_text())["latency"]
+    ratios = [r["ratio"] for r in info["tried"]]
+    assert ratios == [0.2, 0.4, 0.6][:len(ratios)]
+    assert info["chosen_ratio"] == ratios[-1]
+    assert info["met_target"] == info["tried"][-1]["meets_target"]
+    assert all(not r["meets_target"] for r in info["tried"][:-1])

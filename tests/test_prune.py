@@ -449,3 +449,46 @@ def test_nets_models_prune_and_rebuild_from_checkpoint(spec: dict) -> None:
     rebuilt = nets.model_from_checkpoint(ckpt).eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), res.model.eval()(x))
+
+
+# ---------------------------------------------------------------- ratio by measured latency
+
+
+def _mac_clock(model: nn.Module) -> float:
+    """A stand-in latency: 1 ms fixed overhead + 1 ms per 10k MACs (deterministic, no timing)."""
+    macs, _ = P.count_macs_params(model, (_example((1, 1, 16, 16)),))
+    return 1.0 + macs / 10_000
+
+
+def test_search_ratio_picks_the_smallest_ratio_meeting_the_target() -> None:
+    net = tiny_net()
+    base = _mac_clock(net)
+    chosen, info = P.search_ratio(net, _example((1, 1, 16, 16)), _mac_clock,
+                                  ratios=[0.7, 0.25, 0.5], target_speedup=1.3)
+    rows = info["tried"]
+    assert [r["ratio"] for r in rows] == sorted(r["ratio"] for r in rows)  # tried smallest first
+    assert info["met_target"] and rows[-1]["meets_target"]
+    assert all(not r["meets_target"] for r in rows[:-1])
+    assert rows[-1]["latency_ms"] <= base / 1.3 and info["chosen_ratio"] == rows[-1]["ratio"]
+    assert chosen.macs_after == rows[-1]["macs"]
+    for r in rows:  # the MAC ratio is reported beside the measured ratio
+        assert r["mac_ratio"] == pytest.approx(r["macs"] / chosen.macs_before)
+        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / base)
+
+
+def test_search_ratio_unreachable_target_uses_the_largest() -> None:
+    net = tiny_net()
+    _, info = P.search_ratio(net, _example((1, 1, 16, 16)), _mac_clock, ratios=[0.25, 0.5],
+                             target_latency_ms=0.001)
+    assert not info["met_target"] and info["chosen_ratio"] == 0.5 and len(info["tried"]) == 2
+
+
+def test_search_ratio_rejects_bad_arguments() -> None:
+    net = tiny_net()
+    ex = _example((1, 1, 16, 16))
+    with pytest.raises(ValueError, match="exactly one"):
+        P.search_ratio(net, ex, _mac_clock, ratios=[0.5])
+    with pytest.raises(ValueError, match="exactly one"):
+        P.search_ratio(net, ex, _mac_clock, ratios=[0.5], target_latency_ms=1.0, target_speedup=2.0)
+    with pytest.raises(ValueError, match="fractions"):
+        P.search_ratio(net, ex, _mac_clock, ratios=[1.5], target_speedup=2.0)
