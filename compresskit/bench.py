@@ -3,11 +3,16 @@
 This is the measurement half of the pipeline and must run on the deployment target itself (a
 Raspberry Pi, a CI runner) where torch is absent: it imports only numpy, onnx and onnxruntime.
 Latency is wall time of ``InferenceSession.run`` on a fixed random input, reported as
-percentiles, because the median is what survives noisy shared machines.
+percentiles, because the median is what survives noisy shared machines. Timing can stop as soon
+as the median is known to a requested precision (a distribution-free confidence interval), and
+each measurement is set against the CPU's theoretical peak (``envinfo.peak_macs``) so a number
+says how close to the hardware the model runs.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,9 +22,11 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from compresskit.envinfo import cpu_info, peak_macs
 from compresskit.onnxinfo import check_model_path, model_stats
 
 Optimization = Literal["all", "extended", "basic", "none"]
+StoppedBy = Literal["precision", "time", "runs"]
 ProgressFn = Callable[[str], None]
 
 _OPT_LEVELS = {
@@ -148,17 +155,92 @@ def _feeds_from(session, input_data, batch_size: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def median_ci95(sorted_values: Sequence[float]) -> tuple[float, float] | None:
+    """Distribution-free 95% confidence interval of the median of ``sorted_values`` (ascending).
+
+    The number of samples below the true median is Binomial(n, 1/2); its normal approximation
+    puts the interval between the order statistics of ranks ``floor(n/2 - 1.96 sqrt(n)/2)`` and
+    ``ceil(n/2 + 1 + 1.96 sqrt(n)/2)`` (1-based), whatever the latency distribution (J.-Y. Le
+    Boudec, *Performance Evaluation of Computer and Communication Systems*, EPFL Press 2010,
+    Theorem 2.1 and its large-n formula). None when n is too small for those ranks (n < 8).
+    """
+    n = len(sorted_values)
+    half = 1.96 * math.sqrt(n) / 2
+    lo_rank = math.floor(n / 2 - half)
+    hi_rank = math.ceil(n / 2 + 1 + half)
+    if lo_rank < 1 or hi_rank > n:
+        return None
+    return float(sorted_values[lo_rank - 1]), float(sorted_values[hi_rank - 1])
+
+
+def _median(sorted_values: Sequence[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    return float(sorted_values[mid]) if n % 2 else (sorted_values[mid - 1] + sorted_values[mid]) / 2
+
+
+def _precise(sorted_values: Sequence[float], target_rel_ci: float) -> bool:
+    """Whether the median's 95% interval lies within +-``target_rel_ci`` of the median."""
+    ci = median_ci95(sorted_values)
+    if ci is None:
+        return False
+    med = _median(sorted_values)
+    return ci[0] >= med * (1 - target_rel_ci) and ci[1] <= med * (1 + target_rel_ci)
+
+
+def _timed_runs(
+    run: Callable[..., object],
+    args: tuple,
+    *,
+    min_runs: int,
+    max_runs: int,
+    max_seconds: float,
+    target_rel_ci: float | None,
+) -> tuple[list[int], StoppedBy]:
+    """Call ``run(*args)`` and time each call (ns) until, after ``min_runs``, the median is
+    precise enough (``target_rel_ci``), ``max_seconds`` have passed, or ``max_runs`` are done.
+
+    ``run`` and its arguments are passed apart so no wrapper frame lands inside the timed
+    window. Returns the times in call order and what stopped the loop. The clock is looked up at
+    call time so tests can replace ``time.perf_counter_ns``.
+    """
+    clock = time.perf_counter_ns
+    budget_ns = int(max_seconds * 1e9)
+    times: list[int] = []
+    ordered: list[int] = []  # the same times kept sorted, for the median's interval
+    start = clock()
+    while len(times) < max_runs:
+        t0 = clock()
+        run(*args)
+        t1 = clock()
+        times.append(t1 - t0)
+        if target_rel_ci is not None:
+            bisect.insort(ordered, t1 - t0)
+        if len(times) < min_runs:
+            continue
+        if target_rel_ci is not None and _precise(ordered, target_rel_ci):
+            return times, "precision"
+        if t1 - start >= budget_ns:
+            return times, "time"
+    return times, "runs"
+
+
 def _latency_summary(times_ns: list[int], batch_size: int) -> dict:
     ms = np.asarray(times_ns, dtype=np.float64) / 1e6
-    p50 = float(np.percentile(ms, 50))
+    p10, p25, p50, p75, p90, p99 = (float(v) for v in np.percentile(ms, [10, 25, 50, 75, 90, 99]))
+    ci = median_ci95(np.sort(ms))
     return {
         "mean_ms": float(ms.mean()),
         "std_ms": float(ms.std()),
         "min_ms": float(ms.min()),
         "max_ms": float(ms.max()),
         "p50_ms": p50,
-        "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)),
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "ci95_ms": list(ci) if ci is not None else None,
+        "ci95_rel": max(p50 - ci[0], ci[1] - p50) / p50 if ci is not None and p50 > 0 else None,
+        "iqr_ms": p75 - p25,
+        "spread": (p90 - p10) / p50 if p50 > 0 else None,
         "runs": len(times_ns),
         "total_s": float(ms.sum() / 1e3),
         "per_sample_ms": p50 / batch_size,
@@ -175,16 +257,21 @@ def measure_latency(
     min_runs: int = 20,
     max_runs: int = 1000,
     max_seconds: float = 3.0,
+    target_rel_ci: float | None = None,
     input_data: np.ndarray | Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> dict:
-    """Time ``session.run`` on one fixed input: ``warmup`` untimed runs, then timed runs until
-    ``max_seconds`` have passed or ``max_runs`` are done, but never fewer than ``min_runs``.
+    """Time ``session.run`` on one fixed input: ``warmup`` untimed runs, then timed runs until,
+    after ``min_runs``, the median is known to +-``target_rel_ci`` (a fraction, e.g. 0.01; None:
+    no precision rule), ``max_seconds`` have passed, or ``max_runs`` are done.
 
-    Returns milliseconds (mean, std, min, max, p50, p90, p99), the run count, and p50-based
-    per-sample time and throughput (samples/s). ``threads`` applies only when a path is given;
-    ``threads`` in the result is the session's actual intra-op count, ``threads_setting`` the
-    value asked for (0 = all cores; None when a session was passed in).
+    Returns milliseconds (mean, std, min, max, p50, p90, p99), the 95% confidence interval of the
+    median ``ci95_ms`` ([lo, hi], distribution-free, see ``median_ci95``; None below 8 runs) and
+    its larger half-width relative to p50 ``ci95_rel``, the interquartile range ``iqr_ms``, the
+    relative ``spread`` (p90 - p10) / p50, the run count, ``stopped_by`` ("precision", "time" or
+    "runs"), and p50-based per-sample time and throughput (samples/s). ``threads`` applies only
+    when a path is given; ``threads`` in the result is the session's actual intra-op count,
+    ``threads_setting`` the value asked for (0 = all cores; None when a session was passed in).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -192,6 +279,8 @@ def measure_latency(
         raise ValueError(
             f"need warmup >= 0 and 1 <= min_runs <= max_runs, got {warmup}, {min_runs}, {max_runs}"
         )
+    if target_rel_ci is not None and not 0 < target_rel_ci < 1:
+        raise ValueError(f"target_rel_ci must be a fraction in (0, 1), got {target_rel_ci}")
     session = _session(path_or_session, threads)
     if input_data is None:
         feeds = random_inputs(session, batch_size, seed)
@@ -200,25 +289,44 @@ def measure_latency(
     outputs = [out.name for out in session.get_outputs()]
     for _ in range(warmup):
         session.run(outputs, feeds)
-    budget_ns = int(max_seconds * 1e9)
-    times: list[int] = []
-    start = time.perf_counter_ns()
-    while len(times) < max_runs:
-        t0 = time.perf_counter_ns()
-        session.run(outputs, feeds)
-        t1 = time.perf_counter_ns()
-        times.append(t1 - t0)
-        if len(times) >= min_runs and t1 - start >= budget_ns:
-            break
+    times, stopped_by = _timed_runs(
+        session.run,
+        (outputs, feeds),
+        min_runs=min_runs,
+        max_runs=max_runs,
+        max_seconds=max_seconds,
+        target_rel_ci=target_rel_ci,
+    )
     given = isinstance(path_or_session, ort.InferenceSession)
     result = {
         "batch_size": batch_size,
         "threads": _session_threads(session),
         "threads_setting": None if given else threads,
         "warmup": warmup,
+        "target_rel_ci": target_rel_ci,
+        "stopped_by": stopped_by,
     }
     result.update(_latency_summary(times, batch_size))
     return result
+
+
+def achieved_vs_peak(
+    entry: Mapping, macs: int | None, precision: str | None, cpu: Mapping
+) -> dict:
+    """``gmacs``, ``peak`` and ``peak_fraction`` of one latency entry.
+
+    ``gmacs`` = MACs per sample x batch / p50 seconds / 1e9 (None without MACs; a lower bound
+    when onnxinfo could not resolve every op's MACs). ``peak`` is ``envinfo.peak_macs`` for the
+    entry's actual thread count and the model's precision (int8 models against the int8 peak,
+    everything else against fp32); ``peak_fraction`` = gmacs / peak GMAC/s, None when unknown.
+    """
+    p50_ms = entry.get("p50_ms")
+    if not macs or not p50_ms or p50_ms <= 0:
+        return {"gmacs": None, "peak": None, "peak_fraction": None}
+    gmacs = macs * entry["batch_size"] / (p50_ms / 1e3) / 1e9
+    peak = peak_macs(cpu, "int8" if precision == "int8" else "fp32", int(entry.get("threads") or 0))
+    fraction = gmacs / peak["peak_gmacs"] if peak["peak_gmacs"] else None
+    return {"gmacs": gmacs, "peak": peak, "peak_fraction": fraction}
 
 
 def _check_eval_data(x: np.ndarray, y: np.ndarray, arg) -> tuple[np.ndarray, np.ndarray]:
@@ -308,19 +416,24 @@ def bench_model(
     min_runs: int = 20,
     max_runs: int = 1000,
     max_seconds: float = 3.0,
+    target_rel_ci: float | None = None,
     x: np.ndarray | None = None,
     y: np.ndarray | None = None,
     eval_threads: int = 0,
     eval_batch_size: int = 256,
     optimization: Optimization = "all",
     progress: ProgressFn | None = None,
+    cpu: Mapping | None = None,
 ) -> dict:
     """Static statistics, latency for every (threads, batch size) pair and, when ``x``/``y`` are
     given, accuracy: one JSON-able dict that is the core of a report row.
 
-    ``.ort`` files are timed too, with only their size as statistics. A fixed-batch model is
-    timed only at its own batch; the other pairs are listed under
-    ``latency_skipped`` with the reason. ``progress`` receives a short message per step.
+    Each latency entry (see ``measure_latency``; threads 0 = all usable cores) also carries
+    ``gmacs``, ``peak`` and ``peak_fraction`` (see ``achieved_vs_peak``) against ``cpu``, the
+    ``envinfo.cpu_info()`` of this machine unless given. ``.ort`` files are timed too, with only
+    their size as statistics (so no MACs and no peak fraction). A fixed-batch model is timed
+    only at its own batch; the other pairs are listed under ``latency_skipped`` with the reason.
+    ``progress`` receives a short message per step.
     """
     if (x is None) != (y is None):
         raise ValueError("give both x and y for accuracy, or neither")
@@ -334,6 +447,7 @@ def bench_model(
     else:
         result = model_stats(path)
         result["precision"] = "int8" if result["int8"] else "fp32"
+    cpu = cpu_info() if cpu is None else cpu
     latency, skipped = [], []
     for n_threads in threads:
         session = make_session(path, n_threads, optimization)
@@ -351,9 +465,11 @@ def bench_model(
                 min_runs=min_runs,
                 max_runs=max_runs,
                 max_seconds=max_seconds,
+                target_rel_ci=target_rel_ci,
             )
             entry["threads_setting"] = n_threads
             entry["optimization"] = optimization
+            entry.update(achieved_vs_peak(entry, result.get("macs"), result["precision"], cpu))
             latency.append(entry)
     result["latency"] = latency
     result["latency_skipped"] = skipped

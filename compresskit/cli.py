@@ -121,11 +121,13 @@ def bench(
     threads: Annotated[str, typer.Option(help="Comma-separated intra-op thread counts (0: all cores).")] = "1",
     max_seconds: Annotated[float, typer.Option(help="Time budget per measurement.")] = 3.0,
     warmup: Annotated[int, typer.Option(help="Warm-up runs.")] = 10,
+    target_rel_ci: Annotated[float | None, typer.Option(help="Stop a measurement early once the 95% confidence interval of the median is within +- this fraction of it (e.g. 0.01).")] = None,
     data: Annotated[Path | None, typer.Option(help=".npz with arrays x (N,C,H,W float32, preprocessed) and y (N,) for accuracy.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
 ) -> None:
-    """Measure latency (and accuracy) of any ONNX model with onnxruntime. Needs no torch."""
+    """Measure latency (and accuracy) of any ONNX model with onnxruntime, and how close it runs to the CPU's peak. Needs no torch."""
     from compresskit.bench import bench_model
+    from compresskit.report import fmt_peak_fraction
 
     try:
         bs = tuple(int(b) for b in batch_sizes.split(","))
@@ -150,17 +152,29 @@ def bench(
             x, y = npz["x"].astype("float32"), npz["y"]
     try:
         result = bench_model(model, batch_sizes=bs, threads=th, warmup=warmup, max_seconds=max_seconds,
-                             x=x, y=y)
+                             target_rel_ci=target_rel_ci, x=x, y=y)
     except ValueError as err:
         err_console.print(f"error {err}")
         raise typer.Exit(2) from None
     table = Table(title=str(model))
-    for col in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "samples/s"):
+    for col in ("batch", "threads", "p50 ms", "95% CI", "p90 ms", "p99 ms", "samples/s", "GMAC/s", "% of peak", "runs"):
         table.add_column(col, justify="right")
     for lat in result["latency"]:
+        rel = lat.get("ci95_rel")
         table.add_row(str(lat["batch_size"]), str(lat["threads"]), f"{lat['p50_ms']:.3f}",
-                      f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}", f"{lat['throughput']:.0f}")
+                      "-" if rel is None else f"±{rel:.1%}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+                      f"{lat['throughput']:.0f}", "-" if lat.get("gmacs") is None else f"{lat['gmacs']:.2f}",
+                      fmt_peak_fraction(lat.get("peak_fraction")), f"{lat['runs']} ({lat.get('stopped_by', '-')})")
     console.print(table)
+    peaks = {(p["cores"], p["peak_gmacs"]): p for lat in result["latency"] if (p := lat.get("peak"))}
+    if peaks:
+        first = next(iter(peaks.values()))
+        clock = "unknown" if first["clock_ghz"] is None else f"{first['clock_ghz']:.2f} GHz ({first['clock_source']})"
+        console.print(f"{first['formula']}; clock {clock}; {first['precision']} assumes {first['isa'] or 'an unknown ISA'}",
+                      highlight=False, soft_wrap=True)
+        for p in peaks.values():
+            console.print(f"  peak {p['precision']}, {p['cores']} core(s): {p['calculation'] or 'unknown'}",
+                          highlight=False, soft_wrap=True)
     params, macs = result.get("params"), result.get("macs")
     console.print(f"size {result['size_bytes'] / 1024:.1f} KiB, "
                   f"params {f'{params:,}' if params is not None else 'n/a'}, "
@@ -237,8 +251,10 @@ def methods_distill() -> None:
     """Print every distillation method (loss terms, then teacher schemes): name, then a short description."""
     from compresskit.distill.objective import methods
 
-    for name, desc in methods():
-        console.print(f"{name:<10} {desc}", highlight=False)
+    listed = methods()
+    width = max(len(name) for name, _ in listed)
+    for name, desc in listed:
+        console.print(f"{name:<{width}}  {desc}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

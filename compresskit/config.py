@@ -238,6 +238,19 @@ class PruneConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Recovery fine-tuning with KD from the teacher.")
 
 
+class PTQSearchConfig(Strict):
+    enabled: bool = Field(True, description="Choose the INT8 format by measuring here: quantize every candidate, time and evaluate it on the validation split, keep the fastest within the accuracy budget (the single settings above are then unused).")
+    activation_types: list[Literal["uint8", "int8"]] = Field(["uint8", "int8"], min_length=1, description="Activation types tried.")
+    per_channel: list[bool] = Field([True, False], min_length=1, description="Per-channel (true) and/or per-tensor (false) weight scales tried.")
+    calibrate_methods: list[Literal["minmax", "entropy", "percentile", "distribution"]] = Field(["minmax"], min_length=1, description="Calibration methods tried.")
+    max_accuracy_drop: float = Field(0.002, ge=0.0, le=1.0, description="Largest validation-accuracy drop vs the float model a candidate may have (fraction: 0.002 = 0.2 pt).")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 64], min_length=1, description="Batch sizes timed per candidate.")
+    rank_batch_size: int | None = Field(None, ge=1, description="Batch size whose p50 ranks the candidates (default: budgets.latency_batch_size).")
+    max_seconds: float = Field(0.5, gt=0.0, description="Time budget per candidate and batch size.")
+    fallback: bool = Field(True, description="When no candidate meets the budget, keep the nodes most sensitive to quantization (SQNR) in float until it does.")
+    max_excluded: int = Field(16, ge=1, description="Most nodes the fallback keeps in float.")
+
+
 class PTQConfig(Strict):
     enabled: bool = Field(True, description="Run post-training static quantization with onnxruntime.")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description="Activation type: uint8 is faster on x86 VNNI than int8.")
@@ -247,6 +260,7 @@ class PTQConfig(Strict):
     percentile: float = Field(99.999, gt=90.0, le=100.0, description="Percentile for calibrate_method=percentile.")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI where U8S8 can saturate.")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="ONNX node names kept in float.")
+    search: PTQSearchConfig = Field(default_factory=PTQSearchConfig, description="INT8 format chosen by measurement.")
 
 
 class QATConfig(Strict):
@@ -254,7 +268,7 @@ class QATConfig(Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.005, schedule="cosine"), description="QAT fine-tuning settings.")
     loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Loss terms; the teacher is the float (pruned) student.")
     per_channel: bool = Field(True, description="Per-output-channel weight scales.")
-    activation_type: Literal["uint8", "int8"] = Field("uint8", description="Activation type of the exported QDQ model.")
+    activation_type: Literal["auto", "uint8", "int8"] = Field("auto", description="Activation type of the fake-quantized model and its QDQ export; auto: the one of the PTQ search's winner (measured fastest here), else uint8.")
 
 
 class QuantizeConfig(Strict):
@@ -275,6 +289,7 @@ class BenchConfig(Strict):
     warmup: int = Field(10, ge=0, description="Untimed warm-up runs.")
     min_runs: int = Field(20, ge=1, description="Minimum timed runs.")
     max_seconds: float = Field(2.0, gt=0.0, description="Time budget per (model, batch, threads) measurement.")
+    target_rel_ci: float | None = Field(0.02, gt=0.0, lt=1.0, description="Stop timing once the 95% confidence interval of the median is within +- this fraction of it (or at max_seconds); null: always run max_seconds.")
     accuracy: bool = Field(True, description="Evaluate every model on the full test set through onnxruntime.")
 
 

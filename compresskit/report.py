@@ -1,8 +1,9 @@
 """The run report: one versioned JSON document and its Markdown rendering.
 
 ``report.json`` is the machine-readable record (schema ``compresskit.report``, version 1): one
-row per model with accuracy, size, MACs and latency, figures relative to the reference model
-(the teacher by default), the stages, the environment and the budget verdict. ``report.md``
+row per model with accuracy, size, MACs and latency (each latency entry with its achieved GMAC/s
+and fraction of the CPU's theoretical peak), figures relative to the reference model (the
+teacher by default), the stages, the environment and the budget verdict. ``report.md``
 shows the same for people. No torch and no onnxruntime needed: reports can be rendered anywhere.
 """
 
@@ -63,6 +64,7 @@ def build_report(
     environment: Mapping,
     stages: Sequence[Mapping],
     reference_model: str | None = "teacher",
+    evidence: Mapping | None = None,
 ) -> dict:
     """Assemble the report dict, adding per-row comparisons with ``reference_model``.
 
@@ -93,6 +95,7 @@ def build_report(
         "verdict": copy.deepcopy(dict(verdict)),
         "environment": copy.deepcopy(dict(environment)),
         "stages": [copy.deepcopy(dict(s)) for s in stages],
+        "evidence": copy.deepcopy(dict(evidence or {})),
     }
 
 
@@ -248,8 +251,26 @@ def _md_models(report: Mapping) -> list[str]:
     return lines
 
 
+def fmt_peak_fraction(fraction: float | None) -> str:
+    """A fraction of the theoretical peak as a percentage; small ones keep two decimals."""
+    if fraction is None:
+        return "-"
+    return f"{fraction * 100:.2f}%" if fraction < 0.1 else f"{fraction * 100:.1f}%"
+
+
 def _md_latency(report: Mapping) -> list[str]:
-    header = ["model", "batch", "threads", "p50 ms", "p90 ms", "mean ms", "samples/s", "speed-up"]
+    header = [
+        "model",
+        "batch",
+        "threads",
+        "p50 ms",
+        "p90 ms",
+        "mean ms",
+        "samples/s",
+        "speed-up",
+        "GMAC/s",
+        "% of peak",
+    ]
     body = []
     for row in report.get("rows", []):
         for e in row.get("latency") or []:
@@ -263,9 +284,55 @@ def _md_latency(report: Mapping) -> list[str]:
                     _fmt(e.get("mean_ms"), ".3f"),
                     _fmt(e.get("throughput"), ".1f"),
                     _fmt(e.get("speedup_vs_teacher"), ".2f", "x"),
+                    _fmt(e.get("gmacs"), ".2f"),
+                    fmt_peak_fraction(e.get("peak_fraction")),
                 ]
             )
-    return ["## Latency", ""] + (_md_table(header, body) if body else ["No latency measured."])
+    if not body:
+        return ["## Latency", "", "No latency measured."]
+    return ["## Latency", ""] + _md_table(header, body) + [
+        "",
+        "GMAC/s: the model's MACs x batch / p50. % of peak: GMAC/s over the CPU's theoretical "
+        "peak for the model's precision and thread count (see Environment).",
+    ]
+
+
+def _peaks(report: Mapping) -> list[Mapping]:
+    """The distinct theoretical peaks the latency entries were compared with, in order."""
+    seen: dict[tuple, Mapping] = {}
+    for row in report.get("rows", []):
+        for e in row.get("latency") or []:
+            peak = e.get("peak")
+            if peak:
+                key = (peak.get("precision"), peak.get("cores"), peak.get("peak_gmacs"))
+                seen.setdefault(key, peak)
+    return list(seen.values())
+
+
+def _clock_text(clock_ghz: float | None, source: str | None) -> str:
+    return "unknown" if clock_ghz is None else f"{clock_ghz:.2f} GHz ({source or 'source unknown'})"
+
+
+def _md_peak_rows(report: Mapping, cpu: Mapping) -> list[list[str]]:
+    """Environment rows on the theoretical peak: clock and its source, formula, each peak."""
+    peaks = _peaks(report)
+    clock = next((p for p in peaks if p.get("clock_ghz") is not None), None)
+    if clock is not None:
+        rows = [["clock (for the peak)", _clock_text(clock["clock_ghz"], clock.get("clock_source"))]]
+    elif "clock_ghz" in cpu:
+        rows = [["clock (for the peak)", _clock_text(cpu.get("clock_ghz"), cpu.get("clock_source"))]]
+    else:
+        rows = []
+    if not peaks:
+        return rows
+    rows.append(["peak formula", str(peaks[0].get("formula") or "-")])
+    for peak in peaks:
+        label = f"peak {peak.get('precision') or '?'}, {peak.get('cores') or '?'} core(s)"
+        value = peak.get("calculation") or "unknown"
+        if peak.get("isa"):
+            value += f"; assumes {peak['isa']}"
+        rows.append([label, value])
+    return rows
 
 
 def _md_stages(report: Mapping) -> list[str]:
@@ -304,6 +371,7 @@ def _md_environment(report: Mapping) -> list[str]:
         ["libraries", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "-"],
         ["onnxruntime providers", ", ".join(env.get("onnxruntime_providers") or []) or "-"],
         ["benchmark threads", ", ".join(str(t) for t in threads) or "-"],
+        *_md_peak_rows(report, cpu),
     ]
     return ["## Environment", ""] + _md_table(["item", "value"], body)
 
@@ -332,6 +400,68 @@ def _md_budgets(report: Mapping) -> list[str]:
     return lines
 
 
+def _md_int8_search(report: Mapping) -> list[str]:
+    """Every INT8 format candidate measured by the quantize stage, and the one chosen."""
+    search = (report.get("evidence") or {}).get("int8_search")
+    if not search:
+        return []
+    sizes = sorted({b for r in search["candidates"] for b in r["latency_p50_ms"]}, key=int)
+    fp32 = search["fp32"]
+    lines = ["## INT8 format chosen by measurement", "",
+             f"Each candidate was quantized, timed here and evaluated on the validation split; the fastest at "
+             f"batch {search['rank_batch_size']} with validation accuracy >= {search['floor']:.2%} "
+             f"(FP32: {fp32['val_accuracy']:.2%}) was kept: `{search['chosen']}`"
+             + ("." if search["met_budget"] else ", though NO candidate met the accuracy floor (the most accurate "
+                "is kept)."), ""]
+    header = ["candidate", "val acc", *[f"p50 b{b} (ms)" for b in sizes], *[f"vs FP32 b{b}" for b in sizes],
+              "int8 kernels / nodes", "float nodes kept", "chosen"]
+    rows = [["FP32", f"{fp32['val_accuracy']:.2%}", *[_fmt(fp32['latency_p50_ms'].get(b), ".3f") for b in sizes],
+             *["1.00x" for _ in sizes], "", "", ""]]
+    slower = []
+    for r in search["candidates"]:
+        g = r.get("graph") or {}
+        speed = r.get("speedup_vs_fp32") or {}
+        slower += [f"`{r['name']}` at batch {b} ({speed[b]:.2f}x)" for b in sizes
+                   if speed.get(b) is not None and speed[b] < 1.0 and r["name"] == search["chosen"]]
+        rows.append([r["name"], f"{r['val_accuracy']:.2%}", *[_fmt(r["latency_p50_ms"].get(b), ".3f") for b in sizes],
+                     *[_fmt(speed.get(b), ".2f", "x") for b in sizes],
+                     f"{g.get('int8_kernels', '-')} / {g.get('nodes', '-')}",
+                     len(r.get("excluded_nodes") or []), "yes" if r["name"] == search["chosen"] else ""])
+    lines += _md_table(header, rows)
+    if slower:
+        lines += ["", "**INT8 is slower than FP32 here** for " + ", ".join(slower)
+                  + ": the budgets decide which model ships (FP32 candidates are considered too)."]
+    if search.get("excluded_nodes"):
+        kept = ", ".join(f"`{n}`" for n in search["excluded_nodes"])
+        lines += ["", f"Kept in float by the accuracy fallback: {kept}"]
+    return lines
+
+
+def _md_pruning(report: Mapping) -> list[str]:
+    """MAC ratio beside the measured latency ratio for each pruning ratio tried."""
+    info = (report.get("evidence") or {}).get("pruning")
+    if not info or not info.get("tried"):
+        return []
+    lines = ["## Pruning: MACs vs measured latency", "",
+             f"FP32 ONNX p50 of the unpruned student: {info['base_latency_ms']:.3f} ms"
+             + (f"; target {info['target_latency_ms']:.3f} ms ({'met' if info.get('met_target') else 'NOT met'})"
+                if info.get("target_latency_ms") is not None else "") + ". Ratios are pruned / unpruned.", ""]
+    rows = [[r["ratio"], fmt_count(r.get("macs")), _fmt(r.get("mac_ratio"), ".2f"), _fmt(r.get("latency_ms"), ".3f"),
+             _fmt(r.get("latency_ratio"), ".2f")] for r in info["tried"]]
+    return lines + _md_table(["pruning ratio", "MACs", "MAC ratio", "p50 (ms)", "latency ratio"], rows)
+
+
+def _md_training(report: Mapping) -> list[str]:
+    """Training throughput per training stage."""
+    runs = (report.get("evidence") or {}).get("training")
+    if not runs:
+        return []
+    rows = [[r["stage"], r["what"], _fmt(r.get("images_per_s"), ".0f"), fmt_seconds(r.get("wall_s")),
+             r.get("teacher_cache") or ""] for r in runs]
+    return ["## Training throughput", ""] + _md_table(
+        ["stage", "model", "images/s", "wall", "teacher cache (hits/misses)"], rows)
+
+
 def render_markdown(report: Mapping) -> str:
     """The whole report as Markdown."""
     lines = [
@@ -343,7 +473,8 @@ def render_markdown(report: Mapping) -> str:
         f"reference model: `{report.get('reference_model')}`.",
         "",
     ]
-    for section in (_md_models, _md_latency, _md_stages, _md_environment, _md_budgets):
+    for section in (_md_models, _md_latency, _md_int8_search, _md_pruning, _md_training, _md_stages,
+                    _md_environment, _md_budgets):
         lines += section(report) + [""]
     return "\n".join(lines)
 

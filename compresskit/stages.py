@@ -430,22 +430,29 @@ class quantize:  # noqa: N801
         outputs: dict[str, Path] = {}
         metrics: dict[str, Any] = {}
         calib_x, _ = ctx.data.numpy_split("calib")
+        qat_activation = q.qat.activation_type if q.qat.activation_type != "auto" else "uint8"
         if q.ptq.enabled:
             fp32 = export_onnx(float_model, stage_dir / "float.onnx", example, opset=ctx.cfg.export.opset)
-            info = ptq.quantize_ptq(
-                fp32, stage_dir / "ptq.onnx", calib_x.astype(np.float32),
-                activation_type=q.ptq.activation_type, weight_type=q.ptq.weight_type,
-                per_channel=q.ptq.per_channel, calibrate_method=q.ptq.calibrate_method,
-                percentile=q.ptq.percentile, reduce_range=q.ptq.reduce_range,
-                nodes_to_exclude=q.ptq.nodes_to_exclude)
+            if q.ptq.search.enabled:
+                info = _search_ptq(ctx, fp32, stage_dir, calib_x.astype(np.float32))
+                if q.qat.activation_type == "auto":
+                    qat_activation = info["search"]["winner_settings"]["activation_type"]
+            else:
+                info = ptq.quantize_ptq(
+                    fp32, stage_dir / "ptq.onnx", calib_x.astype(np.float32),
+                    activation_type=q.ptq.activation_type, weight_type=q.ptq.weight_type,
+                    per_channel=q.ptq.per_channel, calibrate_method=q.ptq.calibrate_method,
+                    percentile=q.ptq.percentile, reduce_range=q.ptq.reduce_range,
+                    nodes_to_exclude=q.ptq.nodes_to_exclude)
             outputs["ptq"] = stage_dir / "ptq.onnx"
             metrics["ptq"] = info
         if q.qat.enabled:
             import torch
 
             observer = [torch.from_numpy(calib_x[i:i + 64]) for i in range(0, min(len(calib_x), 256), 64)]
+            metrics["qat_activation_type"] = qat_activation
             qmodel = qat.prepare_qat(float_model, example, per_channel=q.qat.per_channel,
-                                     activation_dtype=q.qat.activation_type, observer_batches=observer)
+                                     activation_dtype=qat_activation, observer_batches=observer)
             epochs = q.qat.train.epochs
             res = _fit(ctx, qmodel, float_model, q.qat.loss, q.qat.train, "quantize", "qat",
                        teacher_key=_file_key(_float_model_path(ctx)),
@@ -459,12 +466,43 @@ class quantize:  # noqa: N801
                               "test_accuracy_torch": test_acc}
         _cleanup_resume(stage_dir)
         parts = []
-        if "ptq" in metrics:
+        if "ptq" in metrics and "search" in metrics["ptq"]:
+            sr = metrics["ptq"]["search"]
+            parts.append(f"PTQ {sr['chosen']} (fastest of {len(sr['candidates'])} measured"
+                         + ("" if sr["met_budget"] else ", none met the accuracy budget") + ")")
+        elif "ptq" in metrics:
             parts.append(f"PTQ {q.ptq.activation_type[0].upper()}8{q.ptq.weight_type[0].upper()}8")
         if "qat" in metrics:
             parts.append(f"QAT test {metrics['qat']['test_accuracy_torch']:.2%} (fake-quant, torch)")
         metrics["summary"] = ", ".join(parts)
         return outputs, metrics
+
+
+def _search_ptq(ctx: RunContext, fp32: Path, stage_dir: Path, calib) -> dict[str, Any]:
+    """Quantize in every candidate format, measure each here, copy the winner to ptq.onnx."""
+    import shutil
+
+    from compresskit.quantize.search import candidates_for_host, search_ptq
+
+    s, b = ctx.cfg.quantize.ptq.search, ctx.cfg.budgets
+    threads = b.latency_threads if b.latency_threads is not None else ctx.cfg.bench.threads[0]
+    rank = s.rank_batch_size or b.latency_batch_size
+    sizes = sorted(set(s.batch_sizes) | {rank})
+    val_x, val_y = ctx.data.numpy_split("val")
+    try:
+        candidates = candidates_for_host(activation_types=s.activation_types, per_channel=s.per_channel,
+                                         calibrate_methods=s.calibrate_methods)
+        result = search_ptq(fp32, stage_dir / "candidates", calib, val_x, val_y, candidates=candidates,
+                            max_accuracy_drop=s.max_accuracy_drop, batch_sizes=sizes, rank_batch_size=rank,
+                            threads=threads, max_seconds=s.max_seconds, fallback=s.fallback,
+                            max_excluded=s.max_excluded, nodes_to_exclude=ctx.cfg.quantize.ptq.nodes_to_exclude,
+                            progress=ctx.log if not ctx.quiet else None)
+    except ValueError as err:
+        raise StageError(f"quantize.ptq.search: {err}") from None
+    shutil.copyfile(result["chosen_path"], stage_dir / "ptq.onnx")
+    winner = next(r for r in result["candidates"] if r["name"] == result["chosen"])
+    result["winner_settings"] = winner["settings"]
+    return {"search": result, "settings": winner["settings"]}
 
 
 # ------------------------------------------------------------------ export
@@ -573,7 +611,7 @@ class bench:  # noqa: N801
             ctx.log(f"[bench] {name}")
             rows[name] = bench_model(path, batch_sizes=tuple(cfg.batch_sizes), threads=tuple(cfg.threads),
                                      warmup=cfg.warmup, min_runs=cfg.min_runs, max_seconds=cfg.max_seconds,
-                                     x=x, y=y)
+                                     target_rel_ci=cfg.target_rel_ci, x=x, y=y)
         metrics = {"models": rows, "summary": ", ".join(
             f"{n} {r['accuracy']:.2%}" if r.get("accuracy") is not None else n for n, r in rows.items())}
         return {}, metrics
@@ -619,8 +657,10 @@ class report:  # noqa: N801
             row.update(name=name, stage=stage, precision="int8" if name in ("ptq", "qat") else "fp32",
                        path=f"export/{name}.onnx", stage_wall_s=stage_metrics.get(stage, {}).get("wall_s"))
             rows.append(row)
-        candidates = [n for n in ("qat", "ptq") if any(r["name"] == n for r in rows)] \
-            or [n for n in ("pruned", "student") if any(r["name"] == n for r in rows)][:1]
+        # INT8 models and the float model they were made from: where INT8 loses on this machine
+        # the budgets, not a default, decide what ships
+        names = {r["name"] for r in rows}
+        candidates = [n for n in ("qat", "ptq") if n in names] + [n for n in ("pruned", "student") if n in names][:1]
         budgets = _dump(ctx.cfg.budgets)
         if budgets.get("latency_threads") is None:
             budgets["latency_threads"] = ctx.cfg.bench.threads[0]
@@ -631,7 +671,8 @@ class report:  # noqa: N801
         stages = [{"name": o.name, "wall_s": o.wall_s, "cached": o.status == "cached",
                    "status": o.status, "summary": o.summary} for o in ctx.outcomes]
         rep = rp.build_report(run=ctx.cfg.name, config=ctx.cfg.model_dump(mode="json"), rows=rows,
-                              verdict=verdict, environment=environment(), stages=stages)
+                              verdict=verdict, environment=environment(), stages=stages,
+                              evidence=_evidence(stage_metrics))
         json_path, md_path = rp.write_report(ctx.layout.report_dir, rep)
         outputs = {"report_json": json_path, "report_md": md_path}
         deployed = _write_deployed(ctx, rows, verdict)
@@ -642,6 +683,32 @@ class report:  # noqa: N801
                    "summary": f"{'PASS' if verdict['passed'] else 'FAIL'}: deploy {verdict.get('model')}",
                    "report": rep}
         return outputs, metrics
+
+
+def _evidence(stage_metrics: dict[str, dict]) -> dict[str, Any]:
+    """What the report shows beside the model table: the INT8 format search, pruning latency,
+    and the training throughput of every training run."""
+    out: dict[str, Any] = {}
+    search = stage_metrics.get("quantize", {}).get("ptq", {}).get("search")
+    if search:
+        out["int8_search"] = {k: v for k, v in search.items() if k != "sensitivity"}
+    if stage_metrics.get("prune", {}).get("latency"):
+        out["pruning"] = stage_metrics["prune"]["latency"]
+    training = []
+    fits = [("teacher", "teacher", stage_metrics.get("teacher", {}).get("fit"))]
+    for name in ("student", "baseline"):
+        fits.append(("distill", name, stage_metrics.get("distill", {}).get(name, {}).get("fit")))
+    fits += [("prune", "fine-tune", stage_metrics.get("prune", {}).get("fit")),
+             ("quantize", "QAT", stage_metrics.get("quantize", {}).get("qat", {}).get("fit"))]
+    for stage, what, fit in fits:
+        if fit:
+            cache = fit.get("teacher_cache")
+            training.append({"stage": stage, "what": what, "images_per_s": fit.get("images_per_s"),
+                             "wall_s": fit.get("wall_s"),
+                             "teacher_cache": f"{cache['hits']}/{cache['misses']}" if cache else None})
+    if training:
+        out["training"] = training
+    return out
 
 
 def _write_deployed(ctx: RunContext, rows: list[dict], verdict: dict) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compresskit import bench, envinfo, onnxinfo
+from compresskit import bench, envinfo, onnxinfo, report
 
 OPSET = [helper.make_opsetid("", 17)]
 CIN, COUT, K, HW, CLASSES = 3, 8, 3, 8, 10
@@ -329,18 +330,97 @@ def test_measure_latency(tmp_path):
     assert res["per_sample_ms"] == pytest.approx(res["p50_ms"] / 4)
     assert res["throughput"] == pytest.approx(4000 / res["p50_ms"])
     assert res["std_ms"] >= 0
+    assert res["iqr_ms"] >= 0 and res["spread"] >= 0
+    assert res["stopped_by"] in {"time", "runs"} and res["target_rel_ci"] is None
+    if res["runs"] >= 8:
+        lo, hi = res["ci95_ms"]
+        assert res["min_ms"] <= lo <= res["p50_ms"] <= hi <= res["max_ms"]
     json.dumps(res)
 
 
 def test_measure_latency_run_limits(tmp_path):
     sess = bench.make_session(conv_net(tmp_path / "m.onnx"), 1)
     capped = bench.measure_latency(sess, 1, warmup=0, min_runs=2, max_runs=5, max_seconds=60)
-    assert capped["runs"] == 5
+    assert capped["runs"] == 5 and capped["stopped_by"] == "runs"
     assert capped["threads_setting"] is None
     minimum = bench.measure_latency(sess, 1, warmup=0, min_runs=7, max_runs=100, max_seconds=0)
-    assert minimum["runs"] == 7
+    assert minimum["runs"] == 7 and minimum["stopped_by"] == "time"
     with pytest.raises(ValueError, match="min_runs"):
         bench.measure_latency(sess, 1, min_runs=10, max_runs=5)
+
+
+def test_median_ci95_ranks():
+    """Ranks floor(n/2 - 0.98 sqrt n) and ceil(n/2 + 1 + 0.98 sqrt n), 1-based."""
+    assert bench.median_ci95(list(range(1, 21))) == (5, 16)  # 10 -+ 4.38
+    assert bench.median_ci95(list(range(1, 101))) == (40, 61)  # 50 -+ 9.8
+    assert bench.median_ci95(list(range(1, 9))) == (1, 8)
+    assert bench.median_ci95(list(range(1, 8))) is None  # too few runs for a 95% interval
+    assert bench.median_ci95([]) is None
+
+
+class FakeClock:
+    """Stands in for time.perf_counter_ns: every call advances by the next step (ns), so each
+    timed run lasts exactly the step drawn for its closing clock read."""
+
+    def __init__(self, steps) -> None:
+        self.steps = iter(steps)
+        self.now = 0
+
+    def __call__(self) -> int:
+        self.now += int(next(self.steps))
+        return self.now
+
+
+def _steady(ms: float = 1.0):
+    while True:
+        yield ms * 1e6
+
+
+def _noisy(seed: int = 0):
+    """Half the runs 1 ms, half 5 ms: the median's interval never gets narrow."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.choice([1e6, 5e6])
+
+
+def test_measure_latency_stops_on_precision(tmp_path, monkeypatch):
+    sess = bench.make_session(conv_net(tmp_path / "m.onnx"), 1)
+    monkeypatch.setattr(time, "perf_counter_ns", FakeClock(_steady(2.0)))
+    res = bench.measure_latency(
+        sess, 1, warmup=0, min_runs=10, max_runs=500, max_seconds=60, target_rel_ci=0.01
+    )
+    assert res["stopped_by"] == "precision" and res["runs"] == 10
+    assert res["p50_ms"] == 2.0 and res["ci95_ms"] == [2.0, 2.0] and res["ci95_rel"] == 0
+    assert res["iqr_ms"] == 0 and res["spread"] == 0 and res["target_rel_ci"] == 0.01
+    # Small jitter (+-0.2%) still meets a 1% target as soon as the interval exists.
+    rng = np.random.default_rng(1)
+    monkeypatch.setattr(time, "perf_counter_ns", FakeClock(1e6 * (1 + rng.uniform(-2e-3, 2e-3, 1000))))
+    res = bench.measure_latency(
+        sess, 1, warmup=0, min_runs=3, max_runs=500, max_seconds=60, target_rel_ci=0.01
+    )
+    assert res["stopped_by"] == "precision" and res["runs"] == 8
+    lo, hi = res["ci95_ms"]
+    assert res["p50_ms"] * 0.99 <= lo <= hi <= res["p50_ms"] * 1.01
+
+
+def test_measure_latency_noisy_stops_on_time_or_runs(tmp_path, monkeypatch):
+    sess = bench.make_session(conv_net(tmp_path / "m.onnx"), 1)
+    monkeypatch.setattr(time, "perf_counter_ns", FakeClock(_noisy()))
+    by_runs = bench.measure_latency(
+        sess, 1, warmup=0, min_runs=10, max_runs=200, max_seconds=60, target_rel_ci=0.01
+    )
+    assert by_runs["stopped_by"] == "runs" and by_runs["runs"] == 200
+    lo, hi = by_runs["ci95_ms"]
+    assert lo == 1.0 and hi == 5.0 and by_runs["ci95_rel"] >= 0.5
+    assert by_runs["spread"] == pytest.approx(4.0 / by_runs["p50_ms"])
+    monkeypatch.setattr(time, "perf_counter_ns", FakeClock(_noisy()))
+    by_time = bench.measure_latency(
+        sess, 1, warmup=0, min_runs=10, max_runs=200, max_seconds=0.2, target_rel_ci=0.01
+    )
+    # Each run costs two clock steps of 1 or 5 ms: 0.2 s pass after about 33 runs.
+    assert by_time["stopped_by"] == "time" and 20 <= by_time["runs"] <= 100
+    with pytest.raises(ValueError, match="target_rel_ci"):
+        bench.measure_latency(sess, 1, target_rel_ci=0)
 
 
 def test_measure_latency_input_checks(tmp_path):
@@ -424,6 +504,76 @@ def test_bench_model(tmp_path):
     json.dumps(res)
 
 
+CPU_AVX2 = {
+    "model": "Example AVX2 CPU",
+    "architecture": "x86_64",
+    "usable_cores": 2,
+    "isa_flags": ["avx2", "fma"],
+    "clock_ghz": 2.0,
+    "clock_source": "cpufreq max",
+}
+
+
+def test_bench_model_gmacs_and_peak_fraction(tmp_path, monkeypatch):
+    """With every run lasting exactly 2 ms, GMAC/s and the peak fraction are known numbers."""
+    fp32 = conv_net(tmp_path / "fp32.onnx")
+    int8, _ = qdq_conv_net(tmp_path / "int8.onnx")
+    macs = CONV_MACS + GEMM_MACS
+    monkeypatch.setattr(time, "perf_counter_ns", FakeClock(_steady(2.0)))
+    opts = {"warmup": 0, "min_runs": 3, "max_runs": 3, "max_seconds": 60, "cpu": CPU_AVX2}
+    res = bench.bench_model(fp32, batch_sizes=(1, 4), threads=(1,), **opts)
+    b1, b4 = res["latency"]
+    assert b1["p50_ms"] == b4["p50_ms"] == 2.0
+    assert b1["gmacs"] == pytest.approx(macs / 2e-3 / 1e9)
+    assert b4["gmacs"] == pytest.approx(4 * macs / 2e-3 / 1e9)
+    # fp32 with AVX2 FMA: 1 core x 2.0 GHz x 16 MACs/cycle = 32 GMAC/s
+    assert b1["peak"]["peak_gmacs"] == pytest.approx(32.0) and b1["peak"]["precision"] == "fp32"
+    assert b4["peak_fraction"] == pytest.approx(4 * macs / 2e-3 / 1e9 / 32.0)
+    res8 = bench.bench_model(int8, batch_sizes=(4,), threads=(1,), **opts)
+    # int8 with AVX2 (VPMADDUBSW + VPMADDWD): 1 x 2.0 x 32 = 64 GMAC/s
+    assert res8["latency"][0]["peak"]["peak_gmacs"] == pytest.approx(64.0)
+    assert res8["latency"][0]["peak_fraction"] == pytest.approx(4 * macs / 2e-3 / 1e9 / 64.0)
+    unknown = bench.bench_model(fp32, batch_sizes=(1,), **{**opts, "cpu": {**CPU_AVX2, "clock_ghz": None}})
+    entry = unknown["latency"][0]
+    assert entry["gmacs"] == pytest.approx(macs / 2e-3 / 1e9) and entry["peak_fraction"] is None
+    json.dumps(res)
+
+
+def test_bench_model_real_timing_gmacs_consistent(tmp_path):
+    path = conv_net(tmp_path / "m.onnx")
+    res = bench.bench_model(path, batch_sizes=(2,), target_rel_ci=0.5, cpu=CPU_AVX2, **FAST)
+    entry = res["latency"][0]
+    assert entry["gmacs"] == pytest.approx(res["macs"] * 2 / (entry["p50_ms"] / 1e3) / 1e9)
+    assert entry["peak_fraction"] == pytest.approx(entry["gmacs"] / 32.0)
+    assert entry["target_rel_ci"] == 0.5
+
+
+def test_cli_bench_prints_gmacs_and_peak(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from compresskit.cli import app
+
+    path = conv_net(tmp_path / "m.onnx")
+    monkeypatch.setattr(bench, "cpu_info", lambda: CPU_AVX2)
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", str(path), "--batch-sizes", "1,4", "--max-seconds", "0.01", "--warmup", "1",
+         "--target-rel-ci", "0.5", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "GMAC/s" in text and "% of peak" in text and "95% CI" in text
+    assert text.count("peak GMAC/s = cores x clock GHz x MACs/cycle/core") == 1
+    assert "clock 2.00 GHz (cpufreq max)" in text and "AVX2 FMA" in text
+    assert "peak fp32, 1 core(s): 1 x 2.00 GHz x 16 = 32.0 GMAC/s" in text
+    saved = json.loads(out.read_text())
+    for entry in saved["latency"]:
+        assert f"{entry['gmacs']:.2f}" in text
+        assert report.fmt_peak_fraction(entry["peak_fraction"]) in text
+        assert entry["stopped_by"] in {"precision", "time", "runs"}
+
+
 def test_bench_model_ort_format(tmp_path):
     import onnxruntime as ort
 
@@ -436,6 +586,7 @@ def test_bench_model_ort_format(tmp_path):
     res = bench.bench_model(tmp_path / "lin.ort", batch_sizes=(2,), x=x, y=y, **FAST)
     assert res["format"] == "ort" and res["size_bytes"] == (tmp_path / "lin.ort").stat().st_size
     assert res["latency"][0]["batch_size"] == 2 and res["accuracy"] == top1
+    assert res["latency"][0]["gmacs"] is None and res["latency"][0]["peak_fraction"] is None
 
 
 def test_bench_model_skips_other_batches_of_fixed_batch_model(tmp_path):
@@ -496,6 +647,7 @@ def test_parse_cpuinfo_arm():
     assert pi5["int8_dot"] is True
     assert envinfo.parse_cpuinfo("", "riscv64") == {
         "model": None,
+        "vendor": None,
         "isa": {},
         "isa_flags": [],
         "int8_dot": False,

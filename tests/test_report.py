@@ -170,6 +170,69 @@ def test_write_and_load_report(tmp_path):
     assert "| teacher | ok | yes | 3.6 min |" in md
 
 
+CPU = {
+    "model": "Example CPU",
+    "vendor": "GenuineIntel",
+    "architecture": "x86_64",
+    "usable_cores": 2,
+    "isa_flags": ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"],
+    "clock_ghz": 2.0,
+    "clock_source": "cpufreq max",
+}
+
+
+def _rows_with_peak():
+    rows = _rows()
+    for row in rows:
+        for entry in row["latency"]:
+            entry.update(bench.achieved_vs_peak(entry, row["macs"], row["precision"], CPU))
+    return rows
+
+
+def test_markdown_and_json_show_gmacs_and_peak(tmp_path):
+    rep = _report(_rows_with_peak())
+    json_path, md_path = report.write_report(tmp_path, rep)
+    md = md_path.read_text()
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| model | batch"))
+    assert header.endswith("| speed-up | GMAC/s | % of peak |")
+    # ptq (int8): 3M MACs in 1.6 ms = 1.875 GMAC/s; int8 peak 1 x 2.0 GHz x 128 = 256 -> 0.73%
+    assert "| ptq | 1 | 1 | 1.600 | 1.760 | 1.680 | 625.0 | 6.25x | 1.88 | 0.73% |" in lines
+    # at batch 64: 64 x 3M / 25 ms = 7.68 GMAC/s = 3.00% of 256
+    assert "| ptq | 64 | 1 | 25.000 | 27.500 | 26.250 | 2560.0 | 16.00x | 7.68 | 3.00% |" in lines
+    # teacher (fp32): 30M / 10 ms = 3 GMAC/s; fp32 peak 1 x 2.0 x 32 = 64 -> 4.69%
+    assert "| teacher | 1 | 1 | 10.000 | 11.000 | 10.500 | 100.0 | 1.00x | 3.00 | 4.69% |" in lines
+    assert "| clock (for the peak) | 2.00 GHz (cpufreq max) |" in lines
+    assert "| peak formula | peak GMAC/s = cores x clock GHz x MACs/cycle/core |" in lines
+    fp32 = next(line for line in lines if line.startswith("| peak fp32, 1 core(s) |"))
+    assert "1 x 2.00 GHz x 32 = 64.0 GMAC/s" in fp32 and "AVX-512 FMA" in fp32
+    int8 = next(line for line in lines if line.startswith("| peak int8, 1 core(s) |"))
+    assert "1 x 2.00 GHz x 128 = 256.0 GMAC/s" in int8 and "AVX-512 VNNI" in int8
+    assert md.index("## Environment") < md.index("| peak formula |")
+    entry = report.load_report(json_path)["rows"][2]["latency"][0]
+    assert entry["gmacs"] == pytest.approx(1.875)
+    assert entry["peak_fraction"] == pytest.approx(1.875 / 256)
+    assert entry["peak"]["peak_gmacs"] == pytest.approx(256.0)
+
+
+def test_markdown_without_peak_fields_still_renders(tmp_path):
+    """Reports written before the peak existed have no gmacs/peak: cells show '-'."""
+    rep = _report()
+    md = report.render_markdown(rep)
+    ptq = next(line for line in md.splitlines() if line.startswith("| ptq | 1 |"))
+    assert ptq.endswith("| 6.25x | - | - |")
+    assert "peak formula" not in md and "clock (for the peak)" not in md
+    env_clock = {**ENV, "cpu": {**ENV["cpu"], "clock_ghz": 3.1, "clock_source": "cpufreq max"}}
+    rep = report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=env_clock, stages=[])
+    assert "| clock (for the peak) | 3.10 GHz (cpufreq max) |" in report.render_markdown(rep)
+
+
+def test_fmt_peak_fraction():
+    assert report.fmt_peak_fraction(None) == "-"
+    assert report.fmt_peak_fraction(0.00732) == "0.73%"
+    assert report.fmt_peak_fraction(0.185) == "18.5%"
+
+
 def test_failed_verdict_in_markdown(tmp_path):
     rep = _report(budgets={"min_accuracy": 0.99})
     _, md_path = report.write_report(tmp_path, rep)
@@ -247,4 +310,8 @@ def test_report_from_real_measurements(tmp_path):
     assert rep["rows"][1]["latency"][0]["speedup_vs_teacher"] > 0
     json_path, md_path = report.write_report(tmp_path / "out", rep)
     assert report.load_report(json_path)["rows"][0]["macs"] == 48
-    assert "| student * | fp32 | 100.00% | +0.00 pt |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| student * | fp32 | 100.00% | +0.00 pt |" in md
+    entry = rep["rows"][1]["latency"][0]
+    assert entry["gmacs"] == pytest.approx(48 / (entry["p50_ms"] / 1e3) / 1e9)
+    assert f"| {entry['gmacs']:.2f} |" in md

@@ -24,6 +24,7 @@ TORCH_FREE = [
     "compresskit.bench",
     "compresskit.report",
     "compresskit.budget",
+    "compresskit.quantize.search",
 ]
 # Torch-free by design, written elsewhere; checked once they exist.
 OPTIONAL = {"compresskit.config": "config.py", "compresskit.quantize.ptq": "quantize/ptq.py"}

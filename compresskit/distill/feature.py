@@ -190,8 +190,9 @@ class FTTerm(_PairTerm):
 
     The paper first trains the paraphraser to reconstruct the teacher feature, then freezes it
     and trains the student. Here that is one run: during the first `paraphraser_steps`
-    training-mode forwards the term returns only the reconstruction loss
-    ``MSE(decoder(encoder(t)), t)`` (the student gets no gradient from it); afterwards the
+    training-mode forwards the term trains the paraphraser on the reconstruction loss
+    ``MSE(decoder(encoder(t)), t)`` with its own Adam optimizer and returns that loss's value
+    with no gradient (the student gets nothing from it); afterwards the
     paraphraser is frozen (``requires_grad`` off, eval mode, gradients dropped) and the factor
     loss is returned. The step count is a buffer, so it is saved in ``state_dict()`` and a resumed
     run continues in the right phase. Forwards in eval mode are not counted. Deviation: the
@@ -250,6 +251,21 @@ class FTTerm(_PairTerm):
             raise RuntimeError("ft term used before setup(); build it with build_objective")
         return self.encoder, self.decoder
 
+    def _paraphraser_optimizer(self) -> torch.optim.Optimizer:
+        """The paraphraser's own Adam (lr 1e-3), created on first use on the params' device.
+
+        The paper trains the paraphraser before the student, on its own; stepping it here with
+        its own optimizer keeps the reconstruction loss out of the student's optimizer and of
+        the term's weight (scaled by the reference weight 200 at the student's learning rate,
+        it diverged). Its state is not saved: a run resumed in this phase restarts Adam.
+        """
+        opt = self.__dict__.get("_paraphraser_opt")
+        if opt is None:
+            params = [p for m in self._paraphraser_modules() for p in m.parameters()]
+            opt = torch.optim.Adam(params, lr=1e-3)
+            self.__dict__["_paraphraser_opt"] = opt
+        return opt
+
     def _set_paraphraser_frozen(self, frozen: bool) -> None:
         """Freeze (or, after loading an earlier state, unfreeze) encoder and decoder."""
         for module in self._paraphraser_modules():
@@ -267,10 +283,18 @@ class FTTerm(_PairTerm):
         s, t = self.pair(inputs)
         if not self.paraphraser_trained:
             self._set_paraphraser_frozen(False)
-            if self.training:
-                self.steps_done += 1
             t = t.detach()
-            return F.mse_loss(decoder(encoder(t)).float(), t.float())
+            with torch.enable_grad():
+                recon = F.mse_loss(decoder(encoder(t)).float(), t.float())
+                if self.training:
+                    self.steps_done += 1
+                    opt = self._paraphraser_optimizer()
+                    opt.zero_grad(set_to_none=True)
+                    recon.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)  # the training loop's optimizer sees no gradient
+            # the reconstruction loss is reported, but nothing flows from it into the total loss
+            return recon.detach() + s.sum() * 0.0
         self._set_paraphraser_frozen(True)
         with torch.no_grad():
             factor_t = encoder(t)

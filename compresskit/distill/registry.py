@@ -20,6 +20,6 @@ _FOUND: dict[str, type[Term]] = {**losses.TERMS, **logit.TERMS, **feature.TERMS,
 TERMS: dict[str, type[Term]] = {name: _FOUND[name] for name in TERM_SPECS if name in _FOUND}
 
 TEACHER_SCHEMES: dict[str, str] = {
-    "specialists": "generalist + specialists teacher (Hinton et al. 2015): specialists for the classes the "
-                   "generalist confuses, combined at inference (teacher.specialists)",
+    "specialists": "generalist + specialists teacher: specialists for the classes the teacher confuses, "
+                   "combined per image (teacher.specialists)",
 }
