@@ -290,11 +290,18 @@ def _md_latency(report: Mapping) -> list[str]:
             )
     if not body:
         return ["## Latency", "", "No latency measured."]
-    return ["## Latency", ""] + _md_table(header, body) + [
+    notes = [
         "",
         "GMAC/s: the model's MACs x batch / p50. % of peak: GMAC/s over the CPU's theoretical "
         "peak for the model's precision and thread count (see Environment).",
     ]
+    over = sorted({row["name"] for row in report.get("rows", []) for e in row.get("latency") or []
+                   if (e.get("peak_fraction") or 0) > 1.0})
+    if over:
+        notes.append(f"Above 100% ({', '.join(over)}): the real clock is higher than the one the peak was "
+                     "computed with (a current or nominal clock, below turbo), so every % of peak here is an "
+                     "upper bound.")
+    return ["## Latency", ""] + _md_table(header, body) + notes
 
 
 def _peaks(report: Mapping) -> list[Mapping]:

@@ -431,12 +431,16 @@ class quantize:  # noqa: N801
         metrics: dict[str, Any] = {}
         calib_x, _ = ctx.data.numpy_split("calib")
         qat_activation = q.qat.activation_type if q.qat.activation_type != "auto" else "uint8"
+        qat_per_channel = q.qat.per_channel if q.qat.per_channel != "auto" else True
         if q.ptq.enabled:
             fp32 = export_onnx(float_model, stage_dir / "float.onnx", example, opset=ctx.cfg.export.opset)
             if q.ptq.search.enabled:
                 info = _search_ptq(ctx, fp32, stage_dir, calib_x.astype(np.float32))
+                winner = info["search"]["winner_settings"]
                 if q.qat.activation_type == "auto":
-                    qat_activation = info["search"]["winner_settings"]["activation_type"]
+                    qat_activation = winner["activation_type"]
+                if q.qat.per_channel == "auto":
+                    qat_per_channel = bool(winner["per_channel"])
             else:
                 info = ptq.quantize_ptq(
                     fp32, stage_dir / "ptq.onnx", calib_x.astype(np.float32),
@@ -450,8 +454,8 @@ class quantize:  # noqa: N801
             import torch
 
             observer = [torch.from_numpy(calib_x[i:i + 64]) for i in range(0, min(len(calib_x), 256), 64)]
-            metrics["qat_activation_type"] = qat_activation
-            qmodel = qat.prepare_qat(float_model, example, per_channel=q.qat.per_channel,
+            metrics["qat_format"] = {"activation_type": qat_activation, "per_channel": qat_per_channel}
+            qmodel = qat.prepare_qat(float_model, example, per_channel=qat_per_channel,
                                      activation_dtype=qat_activation, observer_batches=observer)
             epochs = q.qat.train.epochs
             res = _fit(ctx, qmodel, float_model, q.qat.loss, q.qat.train, "quantize", "qat",

@@ -75,6 +75,10 @@ def test_report_rows_and_verdict(tiny_run):
     assert "## INT8 format chosen by measurement" in md and search["chosen"] in md
     assert "## Pruning: MACs vs measured latency" in md and "## Training throughput" in md
     assert {r["stage"] for r in report["evidence"]["training"]} == {"teacher", "distill", "prune", "quantize"}
+    # QAT trains in the format the PTQ search measured fastest (quantize.qat: auto)
+    q = json.loads((tmp / "models" / cfg.name / "quantize" / "metrics.json").read_text())
+    winner = q["ptq"]["search"]["winner_settings"]
+    assert q["qat_format"] == {"activation_type": winner["activation_type"], "per_channel": winner["per_channel"]}
 
 
 def test_rerun_is_cached_and_force_reruns(tiny_run):
@@ -243,3 +247,33 @@ def test_prune_reports_measured_latency_and_picks_a_ratio_by_target(tiny_run, tm
     assert info["chosen_ratio"] == ratios[-1]
     assert info["met_target"] == info["tried"][-1]["meets_target"]
     assert all(not r["meets_target"] for r in info["tried"][:-1])
+
+
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_on_the_tiny_run(tiny_run, tmp_path):
+    """The benchmark scripts work end to end (tiny models; their numbers mean nothing here)."""
+    tmp, cfg, _, _, _ = tiny_run
+    run = tmp / "models" / cfg.name
+    tiny = str(ROOT / "pipelines" / "tiny_synthetic.yaml")
+    out = tmp_path / "ptq.md"
+    assert _script("ptq_compare").main(["--config", tiny, "--model", str(run / "quantize" / "float.onnx"),
+                                        "--rounds", "1", "--max-seconds", "0.02", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| FP32 |" in table and "compresskit search (" in table and "quantize_static defaults" in table
+    out = tmp_path / "prune.md"
+    assert _script("prune_ratios").main(["--config", tiny, "--run", str(run), "--ratios", "0.5", "--epochs", "1",
+                                         "--rounds", "1", "--max-seconds", "0.02", "--out", str(out)]) == 0
+    assert "| 0 (unpruned) |" in out.read_text() and "| 0.5 |" in out.read_text()
+    out = tmp_path / "throughput.md"
+    assert _script("distill_throughput").main(["--config", tiny, "--teacher", str(run / "teacher" / "model.pt"),
+                                               "--steps", "3", "--rounds", "1", "--out", str(out)]) == 0
+    assert "cache hit rate 100%" in out.read_text()

@@ -215,6 +215,42 @@ def test_markdown_and_json_show_gmacs_and_peak(tmp_path):
     assert entry["peak"]["peak_gmacs"] == pytest.approx(256.0)
 
 
+def test_peak_above_100_percent_is_explained():
+    rows = _rows_with_peak()
+    assert "Above 100%" not in report.render_markdown(_report(rows))
+    rows[0]["latency"][0]["peak_fraction"] = 1.3  # a clock below the real one makes this possible
+    md = report.render_markdown(_report(rows))
+    assert f"Above 100% ({rows[0]['name']})" in md and "upper bound" in md
+
+
+def test_evidence_sections_render():
+    evidence = {
+        "int8_search": {"fp32": {"val_accuracy": 0.9, "latency_p50_ms": {"1": 0.2}}, "floor": 0.89,
+                        "rank_batch_size": 1, "chosen": "u8s8-pt-minmax", "met_budget": True, "excluded_nodes": [],
+                        "candidates": [
+                            {"name": "u8s8-pt-minmax", "val_accuracy": 0.9, "latency_p50_ms": {"1": 0.1},
+                             "speedup_vs_fp32": {"1": 2.0}, "graph": {"int8_kernels": 5, "nodes": 7}},
+                            {"name": "s8s8-pt-minmax", "val_accuracy": 0.9, "latency_p50_ms": {"1": 0.4},
+                             "speedup_vs_fp32": {"1": 0.5}, "graph": {"int8_kernels": 2, "nodes": 20}}]},
+        "pruning": {"base_latency_ms": 0.2, "tried": [{"ratio": 0.5, "macs": 1_000_000, "mac_ratio": 0.5,
+                                                       "latency_ms": 0.16, "latency_ratio": 0.8}]},
+        "training": [{"stage": "distill", "what": "student", "images_per_s": 1500.0, "wall_s": 60.0,
+                      "teacher_cache": "10/5"}],
+    }
+    rep = report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV, stages=[],
+                              evidence=evidence)
+    md = report.render_markdown(rep)
+    assert "| u8s8-pt-minmax | 90.00% | 0.100 | 2.00x | 5 / 7 | 0 | yes |" in md
+    assert "| s8s8-pt-minmax | 90.00% | 0.400 | 0.50x | 2 / 20 | 0 |  |" in md
+    assert "| 0.5 | 1.00M | 0.50 | 0.160 | 0.80 |" in md
+    assert "| distill | student | 1500 | 60.0 s | 10/5 |" in md
+    # the chosen model slower than FP32 would be said plainly
+    evidence["int8_search"]["chosen"] = "s8s8-pt-minmax"
+    md = report.render_markdown(report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV,
+                                                    stages=[], evidence=evidence))
+    assert "**INT8 is slower than FP32 here** for `s8s8-pt-minmax` at batch 1 (0.50x)" in md
+
+
 def test_markdown_without_peak_fields_still_renders(tmp_path):
     """Reports written before the peak existed have no gmacs/peak: cells show '-'."""
     rep = _report()
