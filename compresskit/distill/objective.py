@@ -10,8 +10,7 @@ at build time, by one dry forward pass, not in the first training step.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from compresskit.distill.losses import Term, TermInputs
 from compresskit.distill.registry import TEACHER_SCHEMES, TERMS
 from compresskit.distill.taps import FeatureTaps, unwrap_model
+from compresskit.distill.taps import eval_mode as _eval_mode
 
 __all__ = ["LossOutput", "Objective", "build_objective", "methods"]
 
@@ -57,23 +57,6 @@ def _as_logits(output: object, what: str) -> Tensor:
             "returns one logits tensor"
         )
     return output
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
-    """Put models in eval mode for a block and restore every submodule's own mode after.
-
-    The dry run must not update BatchNorm running statistics of the user's models.
-    """
-    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    try:
-        for model in models:
-            if model is not None:
-                model.eval()
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
 
 
 class Objective(nn.Module):

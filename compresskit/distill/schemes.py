@@ -29,7 +29,6 @@ import copy
 import math
 import weakref
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from compresskit.distill.losses import Term, TermInputs, _check_number, _feature, kd_loss
+from compresskit.distill.taps import eval_mode as _eval_mode
 from compresskit.distill.taps import resolve_module, unwrap_model
 
 __all__ = [
@@ -164,20 +164,6 @@ def _check_batch(method: str, sample: TermInputs, *, image_dims: int | None = 4)
 def _pooled(feature: Tensor) -> Tensor:
     """(N, C, H, W) -> (N, C) by global average pooling; (N, C) is returned as is."""
     return feature.float().mean(dim=(2, 3)) if feature.dim() == 4 else feature.float()
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
-    """Eval mode for a block (no BatchNorm statistics updated), restoring every module's mode."""
-    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    try:
-        for model in models:
-            if model is not None:
-                model.eval()
-        yield
-    finally:
-        for module, training in saved:
-            module.training = training
 
 
 def _strip_shared_hooks(original: nn.Module, clone: nn.Module) -> None:

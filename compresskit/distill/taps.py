@@ -8,12 +8,14 @@ changing model code, `FeatureTaps` attaches forward hooks to modules named by th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["FeatureTaps", "unwrap_model", "resolve_module"]
+__all__ = ["FeatureTaps", "eval_mode", "unwrap_model", "resolve_module"]
 
 _MAX_SUGGESTIONS = 8
 
@@ -128,3 +130,18 @@ class FeatureTaps:
         tb: TracebackType | None,
     ) -> None:
         self.remove()
+
+
+@contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Put models in eval mode for a block and restore every submodule's own mode after, so a
+    dry run or a side forward never updates BatchNorm statistics of the user's models."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for module, training in saved:
+            module.training = training
