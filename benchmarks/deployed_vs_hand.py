@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from onnxruntime.quantization import QuantType, quantize_static
 
     from compresskit.bench import evaluate, measure_latency
+    from compresskit.checkpoint import model_from_checkpoint, read_checkpoint
     from compresskit.config import apply_overrides, load_raw, validate_config
     from compresskit.data import load_data
     from compresskit.envinfo import environment
     from compresskit.export import export_onnx
-    from compresskit.nets import model_from_checkpoint, read_checkpoint
-    from compresskit.onnxinfo import model_stats, read_metadata
+    from compresskit.onnxutil import model_stats, read_metadata
     from compresskit.pipeline import run_pipeline
-    from compresskit.quantize.ptq import ArrayCalibrationReader
+    from compresskit.quantize.calibrate import ArrayCalibrationReader
 
     deployed = args.run / "report" / "deployed.onnx"
     if not deployed.is_file():

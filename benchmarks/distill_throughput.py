@@ -42,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from compresskit.checkpoint import model_from_checkpoint, read_checkpoint
     from compresskit.config import load_config
     from compresskit.data import load_data
     from compresskit.distill.cache import CachedTeacher
     from compresskit.distill.objective import build_objective
     from compresskit.envinfo import environment
-    from compresskit.nets import build_model, model_from_checkpoint, read_checkpoint
+    from compresskit.nets import build_model
     from compresskit.train import make_optimizer
 
     cfg = load_config(args.config, args.overrides)

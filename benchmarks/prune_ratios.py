@@ -41,15 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from compresskit.bench import measure_latency
+    from compresskit.checkpoint import model_from_checkpoint, read_checkpoint
     from compresskit.config import load_config
     from compresskit.data import load_data
-    from compresskit.distill.objective import build_objective
+    from compresskit.distill.train import distill
     from compresskit.envinfo import environment
     from compresskit.export import export_onnx
-    from compresskit.nets import model_from_checkpoint, read_checkpoint
     from compresskit.prune import prune_structured
     from compresskit.quantize.ptq import quantize_ptq
-    from compresskit.train import evaluate, fit
+    from compresskit.train import evaluate, loaders_for
 
     cfg = load_config(args.config, args.overrides)
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     acc = {0.0: evaluate(student, data.loader("test"))["accuracy"]}
     for ratio in ratios:
         model = models[ratio].train()
-        terms = [t.model_dump(mode="json") for t in ft.loss]
-        with build_objective(terms, student=model, teacher=teacher, example_input=data.example_input(2)) as obj:
-            fit(model, obj, data, train_cfg, device=torch.device("cpu"), seed=cfg.seed, desc=f"ratio {ratio}",
-                quiet=True)
+        cpu = torch.device("cpu")
+        distill(model, teacher, *loaders_for(data, train_cfg, device=cpu, seed=cfg.seed), terms=ft.loss,
+                cfg=train_cfg, device=cpu, seed=cfg.seed, example_input=data.example_input(2),
+                desc=f"ratio {ratio}", quiet=True)
         acc[ratio] = evaluate(model, data.loader("test"))["accuracy"]
         print(f"ratio {ratio}: test {acc[ratio]:.2%}", flush=True)
     env = environment()

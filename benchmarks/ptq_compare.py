@@ -29,8 +29,8 @@ def _ort_defaults(fp32: Path, out: Path, calib) -> None:
     per-tensor weights, MinMax calibration, no pre-processing."""
     from onnxruntime.quantization import quantize_static
 
-    from compresskit.onnxinfo import load_model
-    from compresskit.quantize.ptq import ArrayCalibrationReader
+    from compresskit.onnxutil import load_model
+    from compresskit.quantize.calibrate import ArrayCalibrationReader
 
     name = load_model(fp32).graph.input[0].name
     quantize_static(str(fp32), str(out), ArrayCalibrationReader(calib, name, 32))

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from compresskit.envinfo import cpu_info, peak_macs
-from compresskit.onnxinfo import check_model_path, model_stats
+from compresskit.onnxutil import check_model_path, model_stats
 
 Optimization = Literal["all", "extended", "basic", "none"]
 StoppedBy = Literal["precision", "time", "runs"]
@@ -316,7 +316,7 @@ def achieved_vs_peak(
     """``gmacs``, ``peak`` and ``peak_fraction`` of one latency entry.
 
     ``gmacs`` = MACs per sample x batch / p50 seconds / 1e9 (None without MACs; a lower bound
-    when onnxinfo could not resolve every op's MACs). ``peak`` is ``envinfo.peak_macs`` for the
+    when onnxutil could not resolve every op's MACs). ``peak`` is ``envinfo.peak_macs`` for the
     entry's actual thread count and the model's precision (int8 models against the int8 peak,
     everything else against fp32); ``peak_fraction`` = gmacs / peak GMAC/s, None when unknown.
     """
@@ -482,3 +482,26 @@ def bench_model(
         result["top5"] = metrics["top5"]
         result["eval"] = metrics
     return result
+
+
+# --------------------------------------------------------------------------- the bench stage
+
+
+def run(ctx, job):
+    """The bench stage: latency (and accuracy on the test split) of every exported model, one
+    model after the other, with the bench section's protocol."""
+    from compresskit import stagekit as sk
+    from compresskit.stage import StageResult
+
+    cfg = job.bench
+    x = y = None
+    if cfg.accuracy:
+        x, y = sk.data_of(ctx, job.data, job.seed).numpy_split("test")
+    rows = {}
+    for name, path in ctx.inputs.items():
+        ctx.log(f"[bench] {name}")
+        rows[name] = bench_model(path, batch_sizes=tuple(cfg.batch_sizes), threads=tuple(cfg.threads),
+                                 warmup=cfg.warmup, min_runs=cfg.min_runs, max_seconds=cfg.max_seconds,
+                                 target_rel_ci=cfg.target_rel_ci, x=x, y=y)
+    summary = ", ".join(f"{n} {r['accuracy']:.2%}" if r.get("accuracy") is not None else n for n, r in rows.items())
+    return StageResult({}, {"models": rows}, summary)

@@ -256,3 +256,44 @@ def render_verdict(verdict: Mapping) -> str:
     for r in [header, ["-" * w for w in widths], *rows]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- deployment policy
+
+# Report order of the models a run can produce; the INT8 ones and the float model they were made
+# from compete for deployment.
+MODEL_ORDER = ("teacher", "student_baseline", "student", "pruned", "ptq", "qat")
+INT8_MODELS = ("qat", "ptq")
+FLOAT_SOURCES = ("pruned", "student", "teacher")
+
+
+def resolve_budgets(budgets: Mapping | None, bench_threads: Sequence[int]) -> dict:
+    """Budgets with defaults filled in and the latency thread count made explicit: the first
+    benchmarked thread setting unless the budget names one."""
+    b = normalize_budgets({k: v for k, v in dict(budgets or {}).items() if k != "reference_model"})
+    if b["latency_threads"] is None:
+        b["latency_threads"] = list(bench_threads)[0] if bench_threads else 1
+    b["reference_model"] = (budgets or {}).get("reference_model", "student")
+    return b
+
+
+def deployment_candidates(names: Sequence[str]) -> list[str]:
+    """The models that compete for deployment: every INT8 model, and the float model they were
+    quantized from (the first present of pruned, student, teacher), so an INT8 model slower than
+    its float source on this machine never ships unnoticed."""
+    present = set(names)
+    return [n for n in INT8_MODELS if n in present] + [n for n in FLOAT_SOURCES if n in present][:1]
+
+
+def decide(rows: Sequence[Mapping], budgets: Mapping, candidates: Sequence[str] | None = None) -> dict:
+    """Check the candidates against resolved budgets (:func:`resolve_budgets`) and choose the model
+    to deploy. The reference of ``max_accuracy_drop`` falls back to the first float model present
+    when the named one was not produced (e.g. no distillation: the teacher)."""
+    b = dict(budgets)
+    reference = b.pop("reference_model", "student")
+    names = [r["name"] for r in rows]
+    if reference not in names:
+        reference = next((n for n in ("student", *FLOAT_SOURCES) if n in names), None)
+    if candidates is None:
+        candidates = deployment_candidates(names)
+    return select_and_verdict(rows, candidates, b, reference_model=reference)

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compresskit.config import STAGES, ConfigError
+from compresskit.config import ConfigError
+from compresskit.stages import STAGE_NAMES
 
 app = typer.Typer(help="Distill, prune, quantize and export vision models to fast INT8 ONNX, "
                        "with measurements and CI budgets.",
@@ -50,7 +51,7 @@ def validate(
 ) -> None:
     """Validate a pipeline file (schema, data, checkpoints, module paths) without running it."""
     cfg = _load(pipeline, set_)
-    from compresskit.pipeline import preflight
+    from compresskit.preflight import preflight
 
     try:
         preflight(cfg)
@@ -65,13 +66,13 @@ def validate(
 def run(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     set_: SetOpt = None,
-    force: Annotated[list[str] | None, typer.Option("--force", help=f"Re-run this stage even if up to date ({', '.join(STAGES)}). Repeatable.")] = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help=f"Re-run this stage even if up to date ({', '.join(STAGE_NAMES)}). Repeatable.")] = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="Re-run this stage and every stage after it.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     traceback: Annotated[bool, typer.Option("--traceback", help="Show the full Python traceback when a stage fails.")] = False,
 ) -> None:
-    """Run the pipeline: teacher, distill, prune, quantize, export, bench, report.
+    """Run the pipeline's stages in order (see --force for their names).
 
     Up-to-date stages are skipped; an interrupted run resumes. Exits 1 when the deployed model
     violates a budget, 2 on bad input.
@@ -197,7 +198,7 @@ def check(
     max_size_mb: Annotated[float | None, typer.Option(help="Override: maximum size (MiB).")] = None,
 ) -> None:
     """Re-check a run's report against its budgets (or others); exit 1 on a violation."""
-    from compresskit.budget import render_verdict, select_and_verdict
+    from compresskit.budget import decide, render_verdict, resolve_budgets
     from compresskit.config import BudgetConfig
     from compresskit.report import load_report
 
@@ -233,14 +234,9 @@ def check(
         for e in err.errors(include_url=False):
             err_console.print(f"error budgets.{'.'.join(map(str, e['loc']))}: {e['msg']}")
         raise typer.Exit(2) from None
-    if bc.get("latency_threads") is None:
-        bc["latency_threads"] = rep["config"].get("bench", {}).get("threads", [1])[0]
-    reference = bc.pop("reference_model")
-    rows = rep["rows"]
-    if not any(r["name"] == reference for r in rows):
-        reference = "student"
+    bc = resolve_budgets(bc, rep["config"].get("bench", {}).get("threads", [1]))
     candidates = rep["verdict"].get("candidates") or [c["model"] for c in rep["verdict"].get("checks", [])]
-    verdict = select_and_verdict(rows, candidates, bc, reference_model=reference)
+    verdict = decide(rep["rows"], bc, candidates)
     console.print(render_verdict(verdict), highlight=False)
     if not verdict["passed"]:
         raise typer.Exit(1)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from compresskit.config_terms import TEACHER_FREE, CETerm, KDTerm, LossTerm
+from compresskit.config_terms import CETerm, KDTerm, LossTerm
 
 
 class Strict(BaseModel):
@@ -192,7 +192,7 @@ class TeacherConfig(Strict):
 
 
 class DistillConfig(Strict):
-    enabled: bool = Field(True, description="Run this stage (off: the student is trained with the loss terms but no teacher terms allowed).")
+    enabled: bool = Field(True, description="Run this stage (off: no student is trained; the later stages compress the teacher model itself, e.g. a loaded teacher.checkpoint).")
     student: ModelSpec = Field(default_factory=lambda: MobileNetV2Spec(arch="mobilenetv2", width_mult=0.35, last_channel=256),
                                description="Student architecture.")
     loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Weighted sum of loss terms.")
@@ -303,9 +303,6 @@ class BudgetConfig(Strict):
     reference_model: Literal["student", "pruned", "teacher"] = Field("student", description="FP32 model that max_accuracy_drop is measured against.")
 
 
-STAGES = ("teacher", "distill", "prune", "quantize", "export", "bench", "report")
-
-
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
                       description="Run name: artifacts go to <models_dir>/<name>/, reports to <reports_dir>/<name>/.")
@@ -330,10 +327,7 @@ class PipelineConfig(Strict):
             raise ValueError(f"budgets.latency_batch_size={b.latency_batch_size} is not in bench.batch_sizes={self.bench.batch_sizes}")
         if b.latency_threads is not None and b.latency_threads not in self.bench.threads:
             raise ValueError(f"budgets.latency_threads={b.latency_threads} is not in bench.threads={self.bench.threads}")
-        if not self.distill.enabled and any(t.method not in TEACHER_FREE for t in self.distill.loss):
-            raise ValueError("distill.enabled is false but distill.loss has terms that need a teacher; use only "
-                             f"{', '.join(sorted(TEACHER_FREE))}")
-        if any(t.method == "ensemble" for t in self.distill.loss) and not self.teacher.ensemble:
+        if self.distill.enabled and any(t.method == "ensemble" for t in self.distill.loss) and not self.teacher.ensemble:
             raise ValueError("distill.loss has an 'ensemble' term but teacher.ensemble lists no extra teachers")
         for where, terms in (("prune.finetune.loss", self.prune.finetune.loss), ("quantize.qat.loss", self.quantize.qat.loss)):
             if any(t.method == "ensemble" for t in terms):

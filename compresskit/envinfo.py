@@ -335,3 +335,19 @@ def environment() -> dict:
         "versions": library_versions(),
         "onnxruntime_providers": _ort_providers(),
     }
+
+
+def machine_key(threads: int) -> dict:
+    """What a latency measured here depends on: CPU model, ISA flags, usable cores, the thread
+    setting and the onnxruntime build. Stages that measure or choose by speed put it in their
+    cache key, so results measured on one machine are never reused on another."""
+    cpu = cpu_info()
+    return {
+        "cpu": cpu["model"],
+        "architecture": cpu["architecture"],
+        "isa_flags": sorted(cpu["isa_flags"] or []),
+        "usable_cores": cpu["usable_cores"],
+        "threads": threads,
+        "onnxruntime": library_versions().get("onnxruntime"),
+        "providers": _ort_providers(),
+    }

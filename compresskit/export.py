@@ -7,9 +7,10 @@ exports the fake-quant ops of :mod:`compresskit.quantize.qat` (the dynamo export
 kernel for their tensor-qparams form), and it writes ``GlobalAveragePool``, which onnxruntime
 fuses into ``QLinearGlobalAveragePool`` in INT8 graphs, where dynamo writes ``ReduceMean``.
 BatchNorm is folded into the preceding conv by the exporter's constant folding; the
-``Constant``/``Identity`` clutter it leaves is removed by :func:`tidy_graph`.
+``Constant``/``Identity`` clutter it leaves is removed by :func:`compresskit.onnxutil.tidy_graph`.
+Saving, ``metadata_props`` and op counting live in :mod:`compresskit.onnxutil` (torch-free).
 
-The metadata helpers at the bottom need no torch.
+The metadata builders at the bottom (preprocessing, labels) need no torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -31,8 +32,7 @@ import onnx
 import torch
 from torch import nn
 
-from compresskit.artifacts import atomic_path
-from compresskit.onnxinfo import read_metadata  # noqa: F401  (re-exported for users of this module)
+from compresskit.onnxutil import save_onnx, tidy_graph
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -199,87 +199,6 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------
-# ONNX graph hygiene and saving
-# --------------------------------------------------------------------------------------------
-
-
-def tidy_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn ``Constant`` nodes into initializers and bypass ``Identity`` nodes, in place.
-
-    The TorchScript exporter leaves both behind (an Identity per shared initializer); runtimes
-    remove them anyway, but graph rewrites and readers of the file are simpler without them.
-    """
-    g = model.graph
-    if _has_subgraphs(g):
-        return model  # names may be captured by subgraphs; leave such graphs as exported
-    graph_outputs = {o.name for o in g.output}
-    keep = []
-    rename: dict[str, str] = {}
-    for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and _constant_value(node):
-            t = onnx.TensorProto()
-            t.CopyFrom(_constant_value(node))
-            t.name = node.output[0]
-            g.initializer.append(t)
-        elif node.op_type == "Identity" and node.output[0] not in graph_outputs:
-            rename[node.output[0]] = node.input[0]
-        else:
-            keep.append(node)
-    for node in keep:
-        for i, name in enumerate(node.input):
-            while name in rename:
-                name = rename[name]
-            node.input[i] = name
-    del g.node[:]
-    g.node.extend(keep)
-    _drop_unused_initializers(model)
-    return model
-
-
-def _has_subgraphs(g: onnx.GraphProto) -> bool:
-    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    return any(a.type in kinds for n in g.node for a in n.attribute)
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for a in node.attribute:
-        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-            return a.t
-    return None
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-
-
-def save_onnx(
-    model: onnx.ModelProto,
-    path: str | os.PathLike,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write ``metadata`` into ``model``, check it and save it atomically (temp file + rename)."""
-    path = Path(path)
-    if metadata:
-        set_metadata(model, metadata)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
-    return path
-
-
-def op_counts(model: onnx.ModelProto | str | os.PathLike) -> dict[str, int]:
-    """Operator type -> count for the main graph of a model or file."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-
-# --------------------------------------------------------------------------------------------
 # Parity between the torch model and an ONNX file
 # --------------------------------------------------------------------------------------------
 
@@ -441,18 +360,58 @@ def labels_metadata(names: Sequence[str]) -> dict[str, str]:
     return {LABELS_KEY: json.dumps(names)}
 
 
-def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> onnx.ModelProto:
-    """Set ``metadata_props`` entries of an in-memory model in place (existing keys are replaced, others kept)."""
-    for k, v in props.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"metadata keys and values must be str, got {k!r}: {type(v).__name__}")
-    current = {p.key: p.value for p in model.metadata_props}
-    current.update(props)
-    del model.metadata_props[:]
-    for k, v in current.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    return model
+# --------------------------------------------------------------------------- the export stage
 
 
+def run(ctx, job):
+    """The export stage: every float checkpoint (and the QAT model) to ONNX with the data's
+    preprocessing and labels in its metadata, each checked against PyTorch; the PTQ model is
+    copied, labelled and checked against the float model it was quantized from."""
+    import shutil
 
+    from compresskit import stagekit as sk
+    from compresskit.checkpoint import load_model
+    from compresskit.onnxutil import write_metadata
+    from compresskit.quantize import qat
+    from compresskit.stage import StageError, StageResult
+
+    cfg = job.export
+    for stale in [*ctx.dir.glob("*.onnx"), *ctx.dir.glob("*.ort")]:
+        stale.unlink()  # models of disabled stages must not be benchmarked or deployed
+    data = sk.data_of(ctx, job.data, job.seed)
+    meta = preprocess_metadata(data.mean, data.std, channels=data.in_channels,
+                               size=list(data.image_size)) | labels_metadata(data.class_names)
+    x = torch.from_numpy(data.numpy_split("test", limit=cfg.parity_samples)[0])
+    example = data.example_input(1)
+    outputs: dict[str, Path] = {}
+    parity: dict[str, dict] = {}
+    float_models = {}
+    for name, src in ctx.inputs.items():
+        if name == "ptq":
+            continue
+        model, _ = load_model(src)
+        model.eval()
+        path = ctx.dir / f"{name}.onnx"
+        if name == "qat":
+            qat.export_qat_onnx(model, path, example, opset=cfg.opset, metadata=meta)
+        else:
+            export_onnx(model, path, example, opset=cfg.opset, metadata=meta)
+            float_models[name] = model
+        parity[name] = parity_check(model, path, x)
+        if name != "qat" and parity[name]["max_abs_diff"] > cfg.max_abs_diff:
+            raise StageError(f"export: {name}.onnx differs from PyTorch by {parity[name]['max_abs_diff']:.2e} "
+                             f"> export.max_abs_diff={cfg.max_abs_diff}")
+        outputs[name] = path
+    if "ptq" in ctx.inputs:
+        path = ctx.dir / "ptq.onnx"
+        shutil.copyfile(ctx.inputs["ptq"], path)
+        write_metadata(path, meta)
+        source = next(n for n in ("pruned", "student", "teacher") if n in float_models)
+        parity["ptq"] = parity_check(float_models[source], path, x)
+        outputs["ptq"] = path
+    if cfg.ort_format:
+        for name in list(outputs):
+            outputs[f"{name}_ort"] = export_ort_format(outputs[name], ctx.dir)
+    worst = max((p["max_abs_diff"] for n, p in parity.items() if n in float_models), default=0.0)
+    count = len([o for o in outputs if not o.endswith("_ort")])
+    return StageResult(outputs, {"parity": parity}, f"{count} ONNX models, FP32 max |diff| {worst:.1e}")

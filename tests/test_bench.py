@@ -1,4 +1,4 @@
-"""Tests of onnxinfo, bench and envinfo on tiny ONNX graphs built with onnx.helper (no torch)."""
+"""Tests of onnxutil, bench and envinfo on tiny ONNX graphs built with onnx.helper (no torch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compresskit import bench, envinfo, onnxinfo, report
+from compresskit import bench, envinfo, onnxutil, report
 
 OPSET = [helper.make_opsetid("", 17)]
 CIN, COUT, K, HW, CLASSES = 3, 8, 3, 8, 10
@@ -154,12 +154,12 @@ def linear_net(path: Path, *, batch: int | str = "N", seed: int = 0) -> tuple[Pa
 FAST = {"warmup": 1, "min_runs": 3, "max_runs": 50, "max_seconds": 0.02}
 
 
-# --------------------------------------------------------------------------- onnxinfo
+# --------------------------------------------------------------------------- onnxutil
 
 
 def test_model_stats_fp32(tmp_path):
     path = conv_net(tmp_path / "m.onnx")
-    stats = onnxinfo.model_stats(path)
+    stats = onnxutil.model_stats(path)
     assert stats["size_bytes"] == path.stat().st_size
     assert stats["params"] == PARAMS
     assert stats["nonzero_params"] == PARAMS
@@ -182,27 +182,27 @@ def test_model_stats_fp32(tmp_path):
 
 def test_model_stats_counts_zero_weights(tmp_path):
     path = conv_net(tmp_path / "sparse.onnx", zeros=100)
-    stats = onnxinfo.model_stats(path)
+    stats = onnxutil.model_stats(path)
     assert stats["params"] == PARAMS
     assert stats["nonzero_params"] == PARAMS - 100
 
 
 def test_model_stats_fixed_batch_is_per_sample(tmp_path):
-    dynamic = onnxinfo.model_stats(conv_net(tmp_path / "d.onnx"))
-    fixed = onnxinfo.model_stats(conv_net(tmp_path / "f.onnx", batch=4))
+    dynamic = onnxutil.model_stats(conv_net(tmp_path / "d.onnx"))
+    fixed = onnxutil.model_stats(conv_net(tmp_path / "f.onnx", batch=4))
     assert fixed["input"]["shape"][0] == 4
     assert fixed["macs"] == dynamic["macs"]
 
 
 def test_model_stats_macs_scale_with_resolution(tmp_path):
-    small = onnxinfo.model_stats(conv_net(tmp_path / "s.onnx", hw=(8, 8)))
-    big = onnxinfo.model_stats(conv_net(tmp_path / "b.onnx", hw=(16, 16)))
+    small = onnxutil.model_stats(conv_net(tmp_path / "s.onnx", hw=(8, 8)))
+    big = onnxutil.model_stats(conv_net(tmp_path / "b.onnx", hw=(16, 16)))
     assert big["macs"] - GEMM_MACS == 4 * (small["macs"] - GEMM_MACS)
 
 
 def test_model_stats_qdq(tmp_path):
     path, nonzero = qdq_conv_net(tmp_path / "qdq.onnx", zeros=30)
-    stats = onnxinfo.model_stats(path)
+    stats = onnxutil.model_stats(path)
     assert stats["params"] == PARAMS  # scales and zero points are not weights
     assert stats["nonzero_params"] == nonzero
     assert stats["macs"] == CONV_MACS + GEMM_MACS
@@ -212,9 +212,9 @@ def test_model_stats_qdq(tmp_path):
 
 def test_nonzero_respects_zero_points():
     values = np.array([[3, 3, 5], [0, 7, 7]], dtype=np.uint8)
-    assert onnxinfo._nonzero(values, np.array([3, 7], np.uint8), 0) == 2
-    assert onnxinfo._nonzero(values, np.array(3, np.uint8), None) == 4
-    assert onnxinfo._nonzero(values, None, None) == 5
+    assert onnxutil._nonzero(values, np.array([3, 7], np.uint8), 0) == 2
+    assert onnxutil._nonzero(values, np.array(3, np.uint8), None) == 4
+    assert onnxutil._nonzero(values, None, None) == 5
 
 
 class _Reader:
@@ -237,7 +237,7 @@ def test_model_stats_onnxruntime_quantized(tmp_path, fmt):
     fp32 = conv_net(tmp_path / "fp32.onnx")
     out = tmp_path / f"{fmt}.onnx"
     quantize_static(fp32, out, _Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True)
-    stats = onnxinfo.model_stats(out)
+    stats = onnxutil.model_stats(out)
     assert stats["int8"] is True
     assert stats["params"] == PARAMS
     assert stats["macs"] == CONV_MACS + GEMM_MACS
@@ -250,10 +250,10 @@ def test_model_stats_qoperator_residual(tmp_path):
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     fp32, macs = residual_net(tmp_path / "res.onnx")
-    assert onnxinfo.model_stats(fp32)["macs"] == macs
+    assert onnxutil.model_stats(fp32)["macs"] == macs
     out = tmp_path / "res_q.onnx"
     quantize_static(fp32, out, _Reader(), quant_format=QuantFormat.QOperator)
-    stats = onnxinfo.model_stats(out)
+    stats = onnxutil.model_stats(out)
     assert stats["op_counts"].get("QLinearAdd") == 1
     assert stats["macs"] == macs
     assert stats["macs_unresolved"] == 0
@@ -261,15 +261,15 @@ def test_model_stats_qoperator_residual(tmp_path):
 
 def test_metadata_roundtrip(tmp_path):
     path = conv_net(tmp_path / "m.onnx")
-    onnxinfo.write_metadata(path, {"accuracy": "0.91", "task": "cls"})
-    meta = onnxinfo.read_metadata(path)
+    onnxutil.write_metadata(path, {"accuracy": "0.91", "task": "cls"})
+    meta = onnxutil.read_metadata(path)
     assert meta == {"labels": "a,b,c", "task": "cls", "accuracy": "0.91"}
-    out = onnxinfo.write_metadata(path, {"x": "1"}, out=tmp_path / "sub" / "copy.onnx")
-    assert onnxinfo.read_metadata(out)["x"] == "1"
-    assert "x" not in onnxinfo.read_metadata(path)
+    out = onnxutil.write_metadata(path, {"x": "1"}, out=tmp_path / "sub" / "copy.onnx")
+    assert onnxutil.read_metadata(out)["x"] == "1"
+    assert "x" not in onnxutil.read_metadata(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "sub"]
     with pytest.raises(TypeError, match="must be str"):
-        onnxinfo.write_metadata(path, {"acc": 0.9})
+        onnxutil.write_metadata(path, {"acc": 0.9})
 
 
 def test_metadata_with_external_weights(tmp_path):
@@ -280,17 +280,17 @@ def test_metadata_with_external_weights(tmp_path):
     onnx.save_model(
         model, ext_dir / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0
     )
-    onnxinfo.write_metadata(ext_dir / "m.onnx", {"k": "v"})
+    onnxutil.write_metadata(ext_dir / "m.onnx", {"k": "v"})
     assert sorted(p.name for p in ext_dir.iterdir()) == ["m.data", "m.onnx"]
-    assert onnxinfo.model_stats(ext_dir / "m.onnx")["metadata"]["k"] == "v"
-    moved = onnxinfo.write_metadata(ext_dir / "m.onnx", {"k": "w"}, out=tmp_path / "inl.onnx")
-    stats = onnxinfo.model_stats(moved)  # weights now inside the file
+    assert onnxutil.model_stats(ext_dir / "m.onnx")["metadata"]["k"] == "v"
+    moved = onnxutil.write_metadata(ext_dir / "m.onnx", {"k": "w"}, out=tmp_path / "inl.onnx")
+    stats = onnxutil.model_stats(moved)  # weights now inside the file
     assert stats["metadata"]["k"] == "w" and stats["nonzero_params"] == PARAMS
 
 
 def test_missing_and_invalid_files(tmp_path):
     missing = tmp_path / "nope.onnx"
-    for call in (onnxinfo.model_stats, onnxinfo.read_metadata, bench.bench_model):
+    for call in (onnxutil.model_stats, onnxutil.read_metadata, bench.bench_model):
         with pytest.raises(FileNotFoundError, match="nope.onnx"):
             call(missing)
     with pytest.raises(ValueError, match="nope.onnx"):
@@ -301,7 +301,7 @@ def test_missing_and_invalid_files(tmp_path):
     empty.write_bytes(b"")
     for bad in (junk, empty):
         with pytest.raises(ValueError, match=bad.name):
-            onnxinfo.model_stats(bad)
+            onnxutil.model_stats(bad)
         with pytest.raises(ValueError, match=bad.name):
             bench.make_session(bad, 1)
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from compresskit.distill import build_objective, kd_loss
-from compresskit.distill.ensemble import TeacherEnsemble
 from compresskit.distill.logit import (
     TERMS,
     cskd_loss,
@@ -21,6 +20,7 @@ from compresskit.distill.logit import (
     ensemble_kd_loss,
     same_class_partners,
 )
+from compresskit.teacher.ensemble import TeacherEnsemble
 
 CLASSES = 5
 

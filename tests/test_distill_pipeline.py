@@ -54,7 +54,7 @@ def test_recipes_fit_the_default_pair() -> None:
     """Every benchmark recipe is a valid config whose module paths exist in the default teacher
     and student and whose shapes every term accepts (the pre-flight check, on untrained models)."""
     from compresskit.config import load_raw, validate_config
-    from compresskit.pipeline import _check_models
+    from compresskit.preflight import _check_models
 
     bench = _bench()
     for name, recipe in bench.recipes().items():

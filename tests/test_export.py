@@ -18,11 +18,10 @@ from compresskit.export import (
     export_onnx,
     export_ort_format,
     labels_metadata,
-    op_counts,
     parity_check,
     preprocess_metadata,
-    read_metadata,
 )
+from compresskit.onnxutil import op_counts, read_metadata
 
 
 def _net() -> TinyNet:

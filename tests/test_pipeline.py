@@ -29,6 +29,22 @@ def tiny_run(tmp_path_factory):
     return tmp, cfg, outcomes, report, logs
 
 
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the tiny run (artifacts and report), for tests that re-run or edit it:
+    the shared run stays as it was made, whatever order tests run in."""
+    import shutil
+
+    src, cfg, _, _, _ = tiny_run
+    for part in ("models", "reports"):
+        shutil.copytree(src / part, tmp_path / part)
+    return tmp_path, _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml")
+
+
+def _status(outcomes) -> dict[str, str]:
+    return {o.name: o.status for o in outcomes}
+
+
 def test_every_stage_ran_and_wrote_artifacts(tiny_run):
     tmp, cfg, outcomes, report, _ = tiny_run
     assert [o.name for o in outcomes] == ["teacher", "distill", "prune", "quantize", "export", "bench", "report"]
@@ -81,23 +97,66 @@ def test_report_rows_and_verdict(tiny_run):
     assert q["qat_format"] == {"activation_type": winner["activation_type"], "per_channel": winner["per_channel"]}
 
 
-def test_rerun_is_cached_and_force_reruns(tiny_run):
-    tmp, cfg, _, _, _ = tiny_run
+def test_rerun_is_cached_and_force_reruns(run_copy):
+    tmp, cfg = run_copy
+    outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    # the copy writes its report elsewhere: only the report is made again
+    assert {n for n, s in _status(outcomes).items() if s != "cached"} == {"report"}
     outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None)
     assert all(o.status == "cached" for o in outcomes)
     outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None, force={"bench"})
-    status = {o.name: o.status for o in outcomes}
+    status = _status(outcomes)
     assert status["bench"] == "ran" and status["export"] == "cached"
 
 
-def test_edited_artifact_is_not_trusted(tiny_run):
-    tmp, cfg, _, _, _ = tiny_run
+def test_edited_artifact_is_not_trusted(run_copy):
+    tmp, cfg = run_copy
     onnx_path = tmp / "models" / cfg.name / "export" / "student.onnx"
     with open(onnx_path, "ab") as f:
         f.write(b"\0")
     outcomes, _ = run_pipeline(cfg, quiet=True, log=lambda m: None)
     status = {o.name: o.status for o in outcomes}
     assert status["teacher"] == "cached" and status["export"] == "ran"
+
+
+def test_changing_a_budget_reruns_the_format_search_not_training(run_copy):
+    tmp, _ = run_copy
+    cfg = _cfg(tmp, ROOT / "pipelines" / "tiny_synthetic.yaml", ["budgets.latency_batch_size=8"])
+    status = _status(run_pipeline(cfg, quiet=True, log=lambda m: None)[0])
+    assert status["teacher"] == status["distill"] == "cached"
+    assert status["prune"] == "ran" and status["quantize"] == "ran"  # both choose by latency at that batch
+
+
+def test_unrelated_edit_does_not_retrain(run_copy):
+    tmp, _ = run_copy
+    cfg = _cfg(tmp, ROOT / "pipelines" / "tiny_synthetic.yaml", ["bench.warmup=3", "export.parity_samples=32"])
+    status = _status(run_pipeline(cfg, quiet=True, log=lambda m: None)[0])
+    assert status["teacher"] == status["distill"] == "cached"
+    assert status["export"] == "ran"
+
+
+def test_another_machine_remeasures(run_copy, monkeypatch):
+    from compresskit import envinfo
+
+    tmp, cfg = run_copy
+    real = envinfo.machine_key
+    monkeypatch.setattr(envinfo, "machine_key", lambda threads: {**real(threads), "cpu": "another CPU"})
+    status = _status(run_pipeline(cfg, quiet=True, log=lambda m: None)[0])
+    assert status["teacher"] == status["distill"] == "cached"
+    assert status["prune"] == status["quantize"] == status["bench"] == "ran"
+
+
+def test_disabled_distillation_compresses_the_teacher(run_copy):
+    tmp, _ = run_copy
+    cfg = _cfg(tmp, ROOT / "pipelines" / "tiny_synthetic.yaml",
+               ["distill.enabled=false", "prune.enabled=false", "quantize.qat.enabled=false"])
+    outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    status = _status(outcomes)
+    assert status == {"teacher": "cached", "distill": "skipped", "prune": "skipped", "quantize": "ran",
+                      "export": "ran", "bench": "ran", "report": "ran"}
+    assert [r["name"] for r in report["rows"]] == ["teacher", "ptq"]
+    assert {s["name"]: s["status"] for s in report["stages"]}["distill"] == "skipped"
+    assert report["verdict"]["model"] in ("ptq", "teacher")
 
 
 def test_gpu_recipe_runs_with_tiny_overrides(tmp_path):
@@ -146,7 +205,6 @@ def test_check_command_rechecks_budgets(tiny_run):
 
 def test_deployed_model_carries_its_figures(tiny_run):
     tmp, cfg, _, _, _ = tiny_run
-    # earlier tests re-ran bench and report in this run directory: read the current report
     report = json.loads((tmp / "reports" / cfg.name / "report.json").read_text())
     model = onnx.load(tmp / "models" / cfg.name / "report" / "deployed.onnx")
     props = {p.key: p.value for p in model.metadata_props}
@@ -208,12 +266,12 @@ def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
     assert not (tmp_path / "models" / cfg.name / "export" / "qat.onnx").exists()
 
 
-def test_cli_run_prints_stage_table_and_verdict(tiny_run):
+def test_cli_run_prints_stage_table_and_verdict(run_copy):
     from typer.testing import CliRunner
 
     from compresskit.cli import app
 
-    tmp, cfg, _, _, _ = tiny_run
+    tmp, cfg = run_copy
     result = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "tiny_synthetic.yaml"), "-q",
                                       "--set", f"models_dir={tmp / 'models'}",
                                       "--set", f"reports_dir={tmp / 'reports'}"])

@@ -434,6 +434,7 @@ NET_SPECS = [
 @pytest.mark.parametrize("spec", NET_SPECS, ids=lambda s: s["arch"])
 def test_nets_models_prune_and_rebuild_from_checkpoint(spec: dict) -> None:
     nets = pytest.importorskip("compresskit.nets")
+    checkpoint = pytest.importorskip("compresskit.checkpoint")
     torch.manual_seed(0)
     model = _randomize_bn(nets.build_model(spec)).eval()
     x = _example((1, 1, 28, 28))
@@ -446,7 +447,7 @@ def test_nets_models_prune_and_rebuild_from_checkpoint(spec: dict) -> None:
     )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    rebuilt = nets.model_from_checkpoint(ckpt).eval()
+    rebuilt = checkpoint.model_from_checkpoint(ckpt).eval()
     with torch.no_grad():
         assert torch.equal(rebuilt(x), res.model.eval()(x))
 

@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from tinynets import TinyNet, make_data
 
-from compresskit.export import export_onnx, labels_metadata, read_metadata
+from compresskit.export import export_onnx, labels_metadata
+from compresskit.onnxutil import read_metadata, write_metadata
+from compresskit.quantize.calibrate import ArrayCalibrationReader, CalibrationRanges, calibrate
 from compresskit.quantize.ptq import (
     QUANTIZATION_KEY,
-    ArrayCalibrationReader,
     optimized_op_counts,
     quantize_ptq,
 )
@@ -194,3 +197,82 @@ def test_ptq_imports_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "quantize_ptq"
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate once, quantize many times
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_ranges_round_trip_through_json(fp32_model, tmp_path, method):
+    _, fp32 = fp32_model
+    ranges = calibrate(fp32, make_data(40, seed=7)[0].numpy(), method=method, batch_size=16)
+    assert ranges.samples == 40 and ranges.batches == 3 and ranges.preprocess and ranges.dtypes == {}
+    assert ranges.percentile == (99.999 if method == "percentile" else None)
+    assert len(ranges.ranges) > 5 and all(lo <= hi for lo, hi in ranges.ranges.values())
+    path = ranges.save(tmp_path / "ranges.json")
+    doc = json.loads(path.read_text())  # plain JSON
+    assert doc["method"] == method and doc["model_sha256"] == ranges.model_sha256
+    loaded = CalibrationRanges.load(path)
+    assert loaded == ranges
+    assert all(np.float32(lo) == lo and np.float32(hi) == hi for lo, hi in loaded.ranges.values())
+
+
+def _old_path(fp32, out, calib, act: str, per_channel: bool, method: str) -> None:
+    """What quantize_ptq did before ranges existed: quantize_static calibrating on its own."""
+    pre = out.with_name("pre.onnx")
+    quant_pre_process(str(fp32), str(pre))
+    extra = {"CalibStridedMinMax": 1}
+    if method == "percentile":
+        extra.update(CalibPercentile=99.999, CalibTensorRangeSymmetric=False)
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    quantize_static(str(pre), str(out), ArrayCalibrationReader(calib, "input", 32), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, activation_type=types[act], weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method], extra_options=extra)
+
+
+def _graph(path) -> tuple[dict[str, bytes], list[bytes]]:
+    model = onnx.load(str(path))
+    return ({t.name: t.SerializeToString() for t in model.graph.initializer},
+            [n.SerializeToString() for n in model.graph.node])
+
+
+@pytest.mark.parametrize(("act", "per_channel", "method"), [
+    ("uint8", True, "minmax"), ("uint8", False, "minmax"), ("int8", True, "minmax"), ("int8", False, "minmax"),
+    ("uint8", True, "percentile"),
+])
+def test_quantize_with_ranges_equals_calibrating(fp32_model, tmp_path, act, per_channel, method):
+    _, fp32 = fp32_model
+    calib = make_data(80, seed=8)[0].numpy()
+    kw = {"activation_type": act, "per_channel": per_channel, "calibrate_method": method}
+    ranges = calibrate(fp32, calib, method=method)
+    report = quantize_ptq(fp32, tmp_path / "ranges.onnx", ranges=ranges, **kw)
+    assert not report["calibrated"] and report["calibration_s"] == 0.0 and report["calib_samples"] == 80
+    quantize_ptq(fp32, tmp_path / "calib.onnx", calib, **kw)
+    _old_path(fp32, tmp_path / "old.onnx", calib, act, per_channel, method)
+    # the same file as calibrating in quantize_ptq, the same graph as quantize_static on its own
+    assert (tmp_path / "ranges.onnx").read_bytes() == (tmp_path / "calib.onnx").read_bytes()
+    assert _graph(tmp_path / "ranges.onnx") == _graph(tmp_path / "old.onnx")
+    x = make_data(64, seed=9)[0].numpy()
+    assert np.array_equal(_run(tmp_path / "ranges.onnx", x), _run(tmp_path / "old.onnx", x))
+
+
+def test_ranges_must_match_model_and_settings(fp32_model, tmp_path):
+    _, fp32 = fp32_model
+    calib = make_data(16, seed=10)[0].numpy()
+    ranges = calibrate(fp32, calib)
+    out = tmp_path / "x.onnx"
+    with pytest.raises(ValueError, match="exactly one"):
+        quantize_ptq(fp32, out, calib, ranges=ranges)
+    with pytest.raises(ValueError, match="exactly one"):
+        quantize_ptq(fp32, out)
+    with pytest.raises(ValueError, match="calibrated with"):
+        quantize_ptq(fp32, out, ranges=ranges, calibrate_method="entropy")
+    with pytest.raises(ValueError, match="preprocess"):
+        quantize_ptq(fp32, out, ranges=ranges, preprocess=False)
+    other = write_metadata(fp32, {"k": "v"}, out=tmp_path / "other.onnx")
+    with pytest.raises(ValueError, match="another model"):
+        quantize_ptq(other, out, ranges=ranges)
+    assert not out.exists()

@@ -21,6 +21,7 @@ from tinynets import TinyNet
 from compresskit import bench
 from compresskit.export import export_onnx
 from compresskit.quantize import search
+from compresskit.quantize.calibrate import CalibrationRanges
 from compresskit.quantize.ptq import quantize_ptq
 from compresskit.quantize.search import (
     candidate_name,
@@ -171,7 +172,11 @@ def test_search_writes_a_model_and_a_row_per_candidate(tiny, tmp_path):
                      batch_sizes=(1, 4), max_seconds=0.01, progress=messages.append)
     names = ["u8s8-pc-minmax", "u8s8-pc-minmax-rr", "s8s8-pc-minmax"]
     assert [r["name"] for r in res["candidates"]] == names
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f"{n}.onnx" for n in names)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([*(f"{n}.onnx" for n in names), "ranges-minmax.json"])
+    assert res["calibrations"] == 1
+    assert res["ranges"] == {"ranges-minmax.json": str(tmp_path / "out" / "ranges-minmax.json")}
+    assert {r["ranges"] for r in res["candidates"]} == {"ranges-minmax.json"}
     assert res["fp32"]["val_accuracy"] == 1.0 and res["floor"] == 0.0
     assert res["fp32"]["graph"]["qlinear_conv"] == 0 and res["fp32"]["graph"]["float_compute"] == 4
     for row, settings in zip(res["candidates"], cands, strict=True):
@@ -308,6 +313,73 @@ def test_search_bad_arguments(tiny, tmp_path):
     with pytest.raises(FileNotFoundError):
         search_ptq(tmp_path / "missing.onnx", *args[1:], candidates=cands)
     assert list(tmp_path.iterdir()) == []
+
+
+def _count_calibrations(monkeypatch) -> list[tuple[str, float | None, bool]]:
+    """Wrap the search's calibrate so each call is recorded as (method, percentile, symmetric)."""
+    calls: list = []
+    real = search.calibrate
+
+    def counting(path, calib, **kw):
+        ranges = real(path, calib, **kw)
+        calls.append((ranges.method, ranges.percentile, ranges.symmetric))
+        return ranges
+
+    monkeypatch.setattr(search, "calibrate", counting)
+    return calls
+
+
+def test_search_calibrates_once_per_method(tiny, tmp_path, monkeypatch):
+    """Eight candidates, two calibration methods: two calibrations, each saved and reused."""
+    fp32, calib, val_x, val_y = tiny
+    calls = _count_calibrations(monkeypatch)
+    monkeypatch.setattr(bench, "measure_latency", _fake_latency({}))
+    monkeypatch.setattr(bench, "evaluate", _fake_accuracy(lambda s: 1.0))
+    cands = format_candidates(int8_dot=True, calibrate_methods=("minmax", "entropy"))
+    res = search_ptq(fp32, tmp_path, calib, val_x, val_y, candidates=cands)
+    assert len(res["candidates"]) == 8
+    assert sorted(calls) == [("entropy", None, False), ("minmax", None, False)]
+    assert res["calibrations"] == 2 and sorted(res["ranges"]) == ["ranges-entropy.json", "ranges-minmax.json"]
+    for row in res["candidates"]:
+        saved = CalibrationRanges.load(res["ranges"][row["ranges"]])
+        assert saved.method == row["settings"]["calibrate_method"]
+    # the shared ranges give the very model a calibration of its own would have given
+    row = res["candidates"][-1]
+    alone = tmp_path / "alone.onnx"
+    quantize_ptq(fp32, alone, calib, **row["settings"])
+    assert _initializers(alone) == _initializers(Path(row["path"]))
+
+
+def test_fallback_reuses_the_ranges(tiny, tmp_path, monkeypatch):
+    fp32, calib, val_x, val_y = tiny
+    calls = _count_calibrations(monkeypatch)
+    monkeypatch.setattr(bench, "measure_latency", _fake_latency({}))
+    monkeypatch.setattr(bench, "evaluate", _fake_accuracy(lambda s: 1.0 if s == "fp32" else 0.5))
+    cands = format_candidates(int8_dot=True, activation_types=("uint8",))
+    res = search_ptq(fp32, tmp_path, calib, val_x, val_y, candidates=cands, max_excluded=2)
+    assert [r["name"] for r in res["candidates"]][2:] == ["u8s8-pc-minmax-float1", "u8s8-pc-minmax-float2"]
+    assert calls == [("minmax", None, False)] and res["calibrations"] == 1
+
+
+def test_percentile_settings_get_their_own_ranges(tiny, tmp_path, monkeypatch):
+    fp32, calib, val_x, val_y = tiny
+    calls = _count_calibrations(monkeypatch)
+    monkeypatch.setattr(bench, "measure_latency", _fake_latency({}))
+    monkeypatch.setattr(bench, "evaluate", _fake_accuracy(lambda s: 1.0))
+    base = {"activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+            "calibrate_method": "percentile", "reduce_range": False}
+    cands = [base, {**base, "activation_type": "int8"}, {**base, "percentile": 99.9},
+             {**base, "symmetric_activation": True}, {**base, "symmetric_activation": False}]
+    res = search_ptq(fp32, tmp_path, calib, val_x, val_y, candidates=cands)
+    # symmetric_activation=False calibrates as the default does: same ranges
+    assert sorted(calls) == [("percentile", 99.9, False), ("percentile", 99.999, False),
+                             ("percentile", 99.999, True)]
+    assert sorted(res["ranges"]) == ["ranges-percentile-p99.9.json", "ranges-percentile-p99.999-sym.json",
+                                     "ranges-percentile-p99.999.json"]
+
+
+def _initializers(path: Path) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in onnx.load(str(path)).graph.initializer}
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torchvision
 from tinynets import TinyNet, make_data
 from torch import nn
 
-from compresskit.export import export_onnx, parity_check, read_metadata
+from compresskit.export import export_onnx, parity_check
+from compresskit.onnxutil import read_metadata
 from compresskit.quantize.ptq import optimized_op_counts
 from compresskit.quantize.qat import (
     ActFakeQuant,

@@ -11,6 +11,9 @@ Typical use from a training script::
             out.loss.backward()
             ...
     # hooks are removed here; export the student afterwards
+
+or, with the training loop and plain loaders, ``distill(student, teacher, train_loader,
+val_loader, terms=cfg_terms, epochs=10)`` (`compresskit.distill.train`).
 """
 
 from compresskit.distill.losses import (
@@ -24,6 +27,7 @@ from compresskit.distill.losses import (
 from compresskit.distill.objective import LossOutput, Objective, build_objective, methods
 from compresskit.distill.registry import TERMS
 from compresskit.distill.taps import FeatureTaps
+from compresskit.distill.train import distill
 
 __all__ = [
     "TERMS",
@@ -35,6 +39,7 @@ __all__ = [
     "at_loss",
     "attention_map",
     "build_objective",
+    "distill",
     "fitnet_loss",
     "kd_loss",
     "methods",

@@ -8,11 +8,12 @@ classes add option validation, shape checks on the objective's dry run and the n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compresskit.distill.ensemble import average_probabilities
 from compresskit.distill.losses import Term, TermInputs, _check_number
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "dkd_loss",
     "dist_loss",
     "pearson",
+    "average_probabilities",
     "ensemble_kd_loss",
     "same_class_partners",
     "cskd_loss",
@@ -113,6 +115,21 @@ def dist_loss(
     inter = 1.0 - pearson(p_s, p_t).mean()
     intra = 1.0 - pearson(p_s.t(), p_t.t()).mean()
     return (beta * inter + gamma * intra) * (t * t)
+
+
+def average_probabilities(member_logits: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+    """``mean_k softmax(z_k / T)`` over an ensemble's members, in float32: (N, classes).
+
+    Here rather than beside `compresskit.teacher.ensemble.TeacherEnsemble` (which uses it too),
+    so that the loss terms do not import the teacher package: teacher builds on distill.
+    """
+    if not member_logits:
+        raise ValueError("an ensemble needs at least one member's logits")
+    shapes = {tuple(z.shape) for z in member_logits}
+    if len(shapes) != 1:
+        raise ValueError(f"ensemble members disagree on the logits shape: {sorted(shapes)}")
+    stacked = torch.stack([z.float() for z in member_logits])
+    return torch.softmax(stacked / temperature, dim=-1).mean(0)
 
 
 def ensemble_kd_loss(student_logits: Tensor, member_logits: tuple[Tensor, ...], temperature: float) -> Tensor:
@@ -306,7 +323,7 @@ class EnsembleTerm(Term):
         if members is None:
             raise ValueError(
                 "ensemble needs several teachers (teacher.ensemble), but the teacher is a single "
-                "model; use a compresskit.distill.ensemble.TeacherEnsemble, or the kd term"
+                "model; use a compresskit.teacher.ensemble.TeacherEnsemble, or the kd term"
             )
         s = sample.logits
         for k, member in enumerate(members):

@@ -135,7 +135,7 @@ class TermInputs:
     the training progress in epochs (2.5 = half-way through the third epoch; warm-ups read
     it), `student` and `teacher` the models themselves (the teacher frozen; None when no term
     needs it), and `teacher_members` the logits of each member when the teacher is an ensemble
-    (`compresskit.distill.ensemble.TeacherEnsemble`), else None.
+    (`compresskit.teacher.ensemble.TeacherEnsemble`), else None.
     """
 
     logits: Tensor

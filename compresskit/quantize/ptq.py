@@ -1,14 +1,12 @@
 """Post-training static INT8 quantization of an ONNX model with onnxruntime (no torch).
 
 ``quantize_ptq`` runs onnxruntime's ``quant_pre_process`` (shape inference and graph
-optimization), calibrates activation ranges on a numpy array, and writes a QDQ model with
-``quantize_static``. Defaults are U8S8 (uint8 activations, int8 per-channel weights): on x86
-with VNNI, S8 activations ran slower than FP32 while U8S8 ran faster (see the field notes), so
-the format must be measured on the target rather than taken from onnxruntime's defaults.
-
-Calibration reads the array one batch at a time (``CalibStridedMinMax`` with a stride of one
-batch), so only one batch of intermediate activations is held in memory; onnxruntime's own
-``CalibMaxIntermediateOutputs`` is not used because it drops data instead of merging it.
+optimization), takes activation ranges (calibrating on a numpy array with
+:func:`compresskit.quantize.calibrate.calibrate_graph`, or precomputed :class:`CalibrationRanges`
+so that several formats share one calibration), and writes a QDQ model with ``quantize_static``.
+Defaults are U8S8 (uint8 activations, int8 per-channel weights): on x86 with VNNI, S8
+activations ran slower than FP32 while U8S8 ran faster (see the field notes), so the format must
+be measured on the target rather than taken from onnxruntime's defaults.
 """
 
 from __future__ import annotations
@@ -19,89 +17,47 @@ import json
 import os
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from compresskit.artifacts import atomic_path
+from compresskit.artifacts import sha256_file
+from compresskit.onnxutil import load_model, op_counts, save_onnx, set_metadata
+from compresskit.quantize.calibrate import (
+    CALIBRATE_METHODS,
+    CalibrationRanges,
+    calibrate_graph,
+    calibration_options,
+    check_calibration_data,
+    write_ort_cache,
+)
 
-CALIBRATE_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-    "distribution": CalibrationMethod.Distribution,
-}
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 QUANTIZATION_KEY = "compresskit.quantization"
 
 
-class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds an (N, C, H, W) array to onnxruntime's calibrator in float32 batches.
+def ptq_calibration(calibrate_method: str, percentile: float | None, symmetric_activation: bool | None) -> dict:
+    """The calibration :func:`quantize_ptq` runs for these settings (:func:`calibration_options`).
 
-    Batches are sliced on demand (a memory-mapped array is never loaded whole). Supports
-    ``set_range`` in batch units, which onnxruntime's strided calibration uses, and records the
-    time between the first and the last request as the calibration time.
+    Ranges are two-sided unless symmetric activations were asked for. For the percentile
+    method that overrides onnxruntime's default, a symmetric |x| range, which wastes half of a
+    uint8 range on ReLU outputs; the other methods are two-sided by default already.
     """
-
-    def __init__(self, data: np.ndarray, input_name: str, batch_size: int = 32) -> None:
-        if batch_size < 1:
-            raise ValueError(f"calibration batch size must be >= 1, got {batch_size}")
-        if len(data) == 0:
-            raise ValueError("calibration array is empty")
-        self._data = data
-        self._name = input_name
-        self._bs = batch_size
-        self._n_batches = -(-len(data) // batch_size)
-        self._next, self._end = 0, self._n_batches
-        self.first_call: float | None = None
-        self.last_call: float | None = None
-        self.batches_served = 0
-
-    def __len__(self) -> int:
-        return self._n_batches
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._next, self._end = start_index, min(end_index, self._n_batches)
-
-    def rewind(self) -> None:
-        self._next, self._end = 0, self._n_batches
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        now = time.perf_counter()
-        self.first_call = now if self.first_call is None else self.first_call
-        self.last_call = now
-        if self._next >= self._end:
-            return None
-        i = self._next
-        self._next += 1
-        self.batches_served += 1
-        batch = self._data[i * self._bs : (i + 1) * self._bs]
-        return {self._name: np.ascontiguousarray(batch, dtype=np.float32)}
-
-    @property
-    def seconds(self) -> float:
-        if self.first_call is None or self.last_call is None:
-            return 0.0
-        return self.last_call - self.first_call
+    symmetric = calibrate_method == "percentile" and bool(symmetric_activation)
+    return calibration_options(calibrate_method, percentile, symmetric)
 
 
 def quantize_ptq(
     fp32_path: str | os.PathLike,
     out_path: str | os.PathLike,
-    calib: np.ndarray,
+    calib: np.ndarray | None = None,
     *,
+    ranges: CalibrationRanges | None = None,
     activation_type: str = "uint8",
     weight_type: str = "int8",
     per_channel: bool = True,
@@ -115,17 +71,25 @@ def quantize_ptq(
 ) -> dict:
     """Quantize ``fp32_path`` to a QDQ INT8 model at ``out_path`` and describe what was done.
 
-    ``calib`` is the calibration input (N, ...) matching the model's single input. The float
-    model's ``metadata_props`` are carried over (plus ``compresskit.quantization`` with the
-    settings). Returns a JSON-able dict: settings, operator counts of the float, the QDQ and
-    the onnxruntime-optimized INT8 graphs, sizes and seconds spent.
+    Give either ``calib``, the calibration input (N, ...) matching the model's single input,
+    or ``ranges`` from :func:`compresskit.quantize.calibrate.calibrate` on the same file with the
+    same calibration settings (method, percentile, symmetry, ``preprocess``): then nothing is
+    calibrated, ``calib_batch_size`` is the ranges' own, and the model is byte for byte the one
+    the same ``calib`` would have given (ValueError when the ranges do not fit). The float model's
+    ``metadata_props`` are carried over (plus ``compresskit.quantization`` with the settings).
+    Returns a JSON-able dict: settings, operator counts of the float, the QDQ and the
+    onnxruntime-optimized INT8 graphs, sizes, seconds spent and whether it ``calibrated``.
     """
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     _check_options(activation_type, weight_type, calibrate_method, percentile, calib_batch_size)
-    if not fp32_path.is_file():
-        raise FileNotFoundError(f"float ONNX model not found: {fp32_path}")
-    fp32 = onnx.load(str(fp32_path))
-    input_name = _check_calibration(fp32, calib, fp32_path)
+    if (calib is None) == (ranges is None):
+        raise ValueError("quantize_ptq needs calibration data (calib) or precomputed ranges, exactly one of them")
+    fp32 = load_model(fp32_path)
+    options = ptq_calibration(calibrate_method, percentile, symmetric_activation)
+    if ranges is not None:
+        _check_ranges(ranges, options, fp32_path, preprocess)
+    else:
+        check_calibration_data(fp32, calib, fp32_path)
     settings = {
         "format": "QDQ",
         "activation_type": activation_type,
@@ -136,7 +100,7 @@ def quantize_ptq(
         "reduce_range": reduce_range,
         "preprocess": preprocess,
         "nodes_to_exclude": list(nodes_to_exclude),
-        "calib_batch_size": calib_batch_size,
+        "calib_batch_size": ranges.batch_size if ranges is not None else calib_batch_size,
         "symmetric_activation": symmetric_activation,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,62 +111,72 @@ def quantize_ptq(
             src = Path(tmp) / "preprocessed.onnx"
             quant_pre_process(str(fp32_path), str(src))
         preprocess_s = time.perf_counter() - t0
-        _check_nodes(onnx.load(str(src), load_external_data=False), nodes_to_exclude)
-        reader = ArrayCalibrationReader(calib, input_name, calib_batch_size)
+        _check_nodes(load_model(src, load_external_data=False), nodes_to_exclude, ranges)
+        calibrated = ranges is None
+        if ranges is None:
+            ranges = calibrate_graph(src, calib, source_sha256=sha256_file(fp32_path), preprocess=preprocess,
+                                     batch_size=calib_batch_size, **options)
         raw = Path(tmp) / "quantized.onnx"
         t1 = time.perf_counter()
-        _run_quantize_static(src, raw, reader, settings)
-        total_s = time.perf_counter() - t1
-        int8 = onnx.load(str(raw))
+        _run_quantize_static(src, raw, ranges, settings, Path(tmp) / "calibration.json")
+        quantization_s = time.perf_counter() - t1
+        int8 = load_model(raw)
         _carry_metadata(fp32, int8, settings)
-        onnx.checker.check_model(int8)
-        _save_atomic(int8, out_path)
+        save_onnx(int8, out_path)
         optimized = optimized_op_counts(out_path, Path(tmp) / "optimized.onnx")
     return {
         "output": str(out_path),
         "settings": settings,
-        "calib_samples": int(len(calib)),
-        "calib_batches": reader.batches_served,
-        "ops_fp32": _counts(fp32),
-        "ops_int8": _counts(int8),
+        "calibrated": calibrated,
+        "calib_samples": ranges.samples,
+        "calib_batches": ranges.batches,
+        "ops_fp32": op_counts(fp32),
+        "ops_int8": op_counts(int8),
         "ops_int8_optimized": optimized,
         "size_fp32_bytes": fp32_path.stat().st_size,
         "size_int8_bytes": out_path.stat().st_size,
         "preprocess_s": preprocess_s,
-        "calibration_s": reader.seconds,
-        "quantization_s": max(total_s - reader.seconds, 0.0),
+        "calibration_s": ranges.seconds if calibrated else 0.0,
+        "quantization_s": quantization_s,
     }
 
 
-def _run_quantize_static(src: Path, dst: Path, reader, settings: Mapping) -> None:
-    """``quantize_static`` in QDQ format with the settings; its progress prints are dropped."""
-    method = settings["calibrate_method"]
-    extra: dict = {"CalibStridedMinMax": 1}
+def _run_quantize_static(src: Path, dst: Path, ranges: CalibrationRanges, settings: Mapping, cache: Path) -> None:
+    """``quantize_static`` in QDQ format on precomputed ranges (its calibration cache); its
+    progress prints are dropped."""
+    extra: dict = {}
     if settings["symmetric_activation"] is not None:
         extra["ActivationSymmetric"] = bool(settings["symmetric_activation"])
-    if method == "percentile":
-        extra["CalibPercentile"] = settings["percentile"]
-        # onnxruntime's percentile default is a symmetric |x| range, which wastes half of a
-        # uint8 range on ReLU outputs; two-sided unless symmetric activations were asked for
-        extra["CalibTensorRangeSymmetric"] = bool(settings["symmetric_activation"])
-    if method == "distribution":
+    if settings["calibrate_method"] == "distribution":
         # its ranges are symmetric about 0 (it targets float8); onnxruntime would still drop
         # ReLU/Clip as if the range started at 0 and let negative values through
         extra["QDQKeepRemovableActivations"] = True
+    write_ort_cache(ranges, cache)
     with contextlib.redirect_stdout(io.StringIO()):
         quantize_static(
             str(src),
             str(dst),
-            reader,
+            None,
             quant_format=QuantFormat.QDQ,
             per_channel=settings["per_channel"],
             reduce_range=settings["reduce_range"],
             activation_type=QUANT_TYPES[settings["activation_type"]],
             weight_type=QUANT_TYPES[settings["weight_type"]],
             nodes_to_exclude=list(settings["nodes_to_exclude"]),
-            calibrate_method=CALIBRATE_METHODS[method],
+            calibrate_method=CALIBRATE_METHODS[settings["calibrate_method"]],
             extra_options=extra,
+            calibration_cache_path=str(cache),
         )
+
+
+def _check_ranges(ranges: CalibrationRanges, options: Mapping, fp32_path: Path, preprocess: bool) -> None:
+    """Precomputed ranges must come from this file, with these calibration settings."""
+    if ranges.options() != dict(options):
+        raise ValueError(f"ranges were calibrated with {ranges.options()} but these settings need {dict(options)}")
+    if ranges.preprocess != preprocess:
+        raise ValueError(f"ranges were calibrated with preprocess={ranges.preprocess}, quantizing with {preprocess}")
+    if ranges.model_sha256 != sha256_file(fp32_path):
+        raise ValueError(f"ranges were calibrated on another model than {fp32_path} (sha256 differs)")
 
 
 def _check_options(act: str, weight: str, method: str, percentile: float, batch: int) -> None:
@@ -220,37 +194,8 @@ def _check_options(act: str, weight: str, method: str, percentile: float, batch:
         raise ValueError(f"calib_batch_size must be >= 1, got {batch}")
 
 
-def _check_calibration(model: onnx.ModelProto, calib: np.ndarray, path: Path) -> str:
-    """Validate ``calib`` against the model's only input; return the input name."""
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ValueError(f"{path} has {len(inputs)} inputs; quantize_ptq supports one")
-    if not isinstance(calib, np.ndarray):
-        raise ValueError(f"calibration data must be a numpy array, got {type(calib).__name__}")
-    if calib.size == 0 or len(calib) == 0:
-        raise ValueError("calibration array is empty")
-    if not np.issubdtype(calib.dtype, np.floating):
-        raise ValueError(
-            f"calibration data must be floating point (preprocessed), got {calib.dtype}"
-        )
-    dims = inputs[0].type.tensor_type.shape.dim
-    if calib.ndim != len(dims):
-        raise ValueError(
-            f"calibration array has rank {calib.ndim} (shape {calib.shape}) but input "
-            f"'{inputs[0].name}' of {path} has rank {len(dims)}"
-        )
-    for axis, (d, n) in enumerate(zip(dims, calib.shape, strict=True)):
-        if axis > 0 and d.HasField("dim_value") and d.dim_value != n:
-            want = [x.dim_value if x.HasField("dim_value") else x.dim_param for x in dims]
-            raise ValueError(
-                f"calibration array shape {calib.shape} does not match input "
-                f"'{inputs[0].name}' shape {want} of {path} at axis {axis}"
-            )
-    return inputs[0].name
-
-
-def _check_nodes(model: onnx.ModelProto, names: Sequence[str]) -> None:
+def _check_nodes(model: onnx.ModelProto, names: Sequence[str], ranges: CalibrationRanges | None) -> None:
+    """``nodes_to_exclude`` and the tensors of precomputed ranges must exist in the graph."""
     known = {n.name for n in model.graph.node}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -258,26 +203,18 @@ def _check_nodes(model: onnx.ModelProto, names: Sequence[str]) -> None:
             f"nodes_to_exclude names not in the model being quantized: {unknown}; "
             f"names are those after preprocessing, e.g. {sorted(known)[:5]}"
         )
+    if ranges is not None:
+        tensors = {t for n in model.graph.node for t in (*n.input, *n.output)}
+        missing = sorted(set(ranges.ranges) - tensors)
+        if missing:
+            raise ValueError(f"ranges name tensors the graph being quantized lacks: {missing[:5]}")
 
 
 def _carry_metadata(src: onnx.ModelProto, dst: onnx.ModelProto, settings: Mapping) -> None:
     """Copy the float model's metadata_props onto the INT8 model (src wins on clashes)."""
-    props = {p.key: p.value for p in dst.metadata_props}
-    props.update({p.key: p.value for p in src.metadata_props})
+    props = {p.key: p.value for p in src.metadata_props}
     props[QUANTIZATION_KEY] = json.dumps({"method": "ptq", **settings})
-    del dst.metadata_props[:]
-    for k, v in props.items():
-        entry = dst.metadata_props.add()
-        entry.key, entry.value = k, v
-
-
-def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
-
-
-def _counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+    set_metadata(dst, props)
 
 
 def optimized_op_counts(
@@ -294,4 +231,4 @@ def optimized_op_counts(
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(dump)
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return _counts(onnx.load(str(dump)))
+        return op_counts(load_model(dump))

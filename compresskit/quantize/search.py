@@ -9,9 +9,13 @@ may see INT8 slower than FP32. So :func:`search_ptq` quantizes several candidate
 the fastest one that stays within the accuracy budget. Every candidate is listed, including
 those slower than FP32 (``speedup_vs_fp32`` < 1).
 
+Calibration ranges do not depend on the format, only on the calibration settings, so each
+calibration method is run once (:func:`compresskit.quantize.calibrate.calibrate`), saved next to
+the models as ``ranges-<method>.json`` and reused by every candidate with that method.
+
 When no candidate meets the budget, :func:`node_sensitivity` ranks the nodes by the
 quantization noise on their outputs (onnxruntime's ``qdq_loss_debug``) and the most sensitive
-ones are kept in float, 1, 2, 4, ... at a time, until the budget holds.
+ones are kept in float, 1, 2, 4, ... at a time, until the budget holds (same ranges again).
 
 Only numpy, onnx, onnxruntime and compresskit's torch-free modules are imported.
 """
@@ -35,13 +39,19 @@ from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from compresskit import bench, envinfo
-from compresskit.onnxinfo import read_metadata
-from compresskit.quantize.ptq import (
+from compresskit.onnxutil import graph_inputs, read_metadata
+from compresskit.quantize.calibrate import (
     CALIBRATE_METHODS,
+    ArrayCalibrationReader,
+    CalibrationRanges,
+    calibrate,
+    ranges_file_name,
+)
+from compresskit.quantize.ptq import (
     QUANT_TYPES,
     QUANTIZATION_KEY,
-    ArrayCalibrationReader,
     optimized_op_counts,
+    ptq_calibration,
     quantize_ptq,
 )
 
@@ -263,11 +273,10 @@ def node_sensitivity(
 
 
 def _single_input(model: onnx.ModelProto, path: Path) -> str:
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    inputs = graph_inputs(model)
     if len(inputs) != 1:
         raise ValueError(f"{path} has {len(inputs)} inputs; node_sensitivity supports one")
-    return inputs[0]
+    return inputs[0].name
 
 
 def _rank(matching: Mapping, ort_err: Mapping, float_model: onnx.ModelProto,
@@ -441,8 +450,11 @@ def search_ptq(
     order: name, path, settings, excluded_nodes, val_accuracy, accuracy_drop, latency_p50_ms,
     speedup_vs_fp32, size_bytes, size_vs_fp32, graph, meets_floor), ``chosen``, ``chosen_path``,
     ``met_budget``, ``excluded_nodes`` (the chosen row's), ``sensitivity`` (the node ranking when
-    the fallback ran, else None) and ``seconds``. Latency and speedup dicts are keyed by the batch
-    size as a string, JSON's form, so the dict reads the same after a round trip through a file.
+    the fallback ran, else None), ``calibrations`` (how many calibration passes ran: one per
+    calibration setting among the candidates), ``ranges`` (file name -> path of each saved
+    :class:`CalibrationRanges`; each row names its own under ``ranges``) and ``seconds``. Latency
+    and speedup dicts are keyed by the batch size as a string, JSON's form, so the dict reads the
+    same after a round trip through a file.
     """
     start = time.perf_counter()
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
@@ -466,11 +478,26 @@ def search_ptq(
     floor = max(min_accuracy or 0.0, fp32["val_accuracy"] - max_accuracy_drop)
     note(f"fp32: accuracy {fp32['val_accuracy']:.4f}, floor {floor:.4f}, p50 {fp32['latency_p50_ms'][rank]:.3f} ms")
 
+    ranges_by_file: dict[str, CalibrationRanges] = {}
+
+    def ranges_for(settings: Mapping) -> tuple[str, CalibrationRanges]:
+        """The ranges of this candidate's calibration settings, calibrated on first use only."""
+        options = ptq_calibration(settings["calibrate_method"], settings.get("percentile"),
+                                  settings.get("symmetric_activation"))
+        file = ranges_file_name(options)
+        if file not in ranges_by_file:
+            note(f"calibrate: {options['method']} on {len(calib)} samples")
+            ranges = calibrate(fp32_path, calib, **options)
+            ranges.save(out_dir / file)
+            ranges_by_file[file] = ranges
+        return file, ranges_by_file[file]
+
     def measure(name: str, settings: Mapping, excluded: list[str]) -> dict:
         path = out_dir / f"{name}.onnx"
+        ranges_file, ranges = ranges_for(settings)
         note(f"{name}: quantize")
         options = {k: v for k, v in settings.items() if v is not None}  # None = quantize_ptq's default
-        info = quantize_ptq(fp32_path, path, calib, nodes_to_exclude=excluded, **options)
+        info = quantize_ptq(fp32_path, path, ranges=ranges, nodes_to_exclude=excluded, **options)
         note(f"{name}: accuracy and latency")
         acc = bench.evaluate(path, val_x, val_y, threads=eval_threads)["accuracy"]
         p50 = _latencies(path, batch_sizes, threads, max_seconds)
@@ -487,6 +514,7 @@ def search_ptq(
             "size_vs_fp32": path.stat().st_size / fp32["size_bytes"],
             "graph": graph_summary(info["ops_int8_optimized"]),
             "meets_floor": acc >= floor - _FLOOR_SLACK,
+            "ranges": ranges_file,
         }
         note(f"{name}: accuracy {acc:.4f}{'' if row['meets_floor'] else ' (below floor)'}, "
              f"p50 {p50[rank]:.3f} ms, {row['speedup_vs_fp32'][rank]:.2f}x fp32")
@@ -535,5 +563,7 @@ def search_ptq(
         "met_budget": met_budget,
         "excluded_nodes": chosen["excluded_nodes"],
         "sensitivity": sensitivity,
+        "calibrations": len(ranges_by_file),
+        "ranges": {file: str(out_dir / file) for file in ranges_by_file},
         "seconds": time.perf_counter() - start,
     }

@@ -10,21 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
+from compresskit.distill.logit import average_probabilities
+
 __all__ = ["TeacherEnsemble", "average_probabilities"]
-
-
-def average_probabilities(member_logits: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
-    """``mean_k softmax(z_k / T)`` over the members, in float32: (N, classes)."""
-    if not member_logits:
-        raise ValueError("an ensemble needs at least one member's logits")
-    shapes = {tuple(z.shape) for z in member_logits}
-    if len(shapes) != 1:
-        raise ValueError(f"ensemble members disagree on the logits shape: {sorted(shapes)}")
-    stacked = torch.stack([z.float() for z in member_logits])
-    return torch.softmax(stacked / temperature, dim=-1).mean(0)
 
 
 class TeacherEnsemble(nn.Module):

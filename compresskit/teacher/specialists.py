@@ -405,7 +405,7 @@ def train_specialist(generalist: nn.Module, spec: Mapping[str, Any], group: Sequ
     generalist is only read; its train/eval mode is restored afterwards. `resume_file` /
     `resume_key` are passed to `fit` (resume an interrupted run).
     """
-    from compresskit.train import fit
+    from compresskit.train import fit, loaders_for
 
     device = torch.device(device)
     num_classes = int(spec["num_classes"])
@@ -421,9 +421,9 @@ def train_specialist(generalist: nn.Module, spec: Mapping[str, Any], group: Sequ
     names = [data.class_names[c] if c < len(data.class_names) else str(c) for c in group]
     was_training = generalist.training
     try:
-        result = fit(classifier, objective, data, train_cfg, device=device, seed=seed,
-                     desc=f"specialist {group}", resume_file=resume_file, resume_key=resume_key,
-                     quiet=quiet, log=log)
+        result = fit(classifier, objective, *loaders_for(data, train_cfg, device=device, seed=seed),
+                     cfg=train_cfg, device=device, seed=seed, desc=f"specialist {group}",
+                     resume_file=resume_file, resume_key=resume_key, quiet=quiet, log=log)
     finally:
         generalist.train(was_training)
     if log:

@@ -1,4 +1,4 @@
-"""Tests of compresskit.distill.specialists: the generalist + specialists teacher (Hinton et al. 2015, s. 5).
+"""Tests of compresskit.teacher.specialists: the generalist + specialists teacher (Hinton et al. 2015, s. 5).
 
 Expected values are worked out by hand or recomputed here with explicit loops (numpy / math), not
 with the module's own functions.
@@ -15,7 +15,8 @@ from torch import nn
 
 from compresskit.config import TrainConfig
 from compresskit.distill import build_objective
-from compresskit.distill.specialists import (
+from compresskit.nets import build_model
+from compresskit.teacher.specialists import (
     GeneralistSpecialists,
     SpecialistAsClassifier,
     SpecialistObjective,
@@ -25,7 +26,6 @@ from compresskit.distill.specialists import (
     specialist_spec,
     train_specialist,
 )
-from compresskit.nets import build_model
 
 SPEC = {"arch": "resnet", "blocks": [1], "width": 4, "stem_stride": 2, "num_classes": 6, "in_channels": 1}
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from compresskit.distill import build_objective
-from compresskit.distill.ensemble import TeacherEnsemble, average_probabilities
-from compresskit.distill.specialists import GeneralistSpecialists
+from compresskit.teacher.ensemble import TeacherEnsemble, average_probabilities
+from compresskit.teacher.specialists import GeneralistSpecialists
 
 
 def _net(width: int, classes: int = 4) -> nn.Module:

@@ -1,9 +1,16 @@
-"""Static statistics of an ONNX file: size, weights, MACs, operators, I/O and metadata.
+"""The one torch-free home of ONNX file handling: load, save, metadata, graph tidying, stats.
 
-Works on FP32 graphs and on INT8 graphs in both ONNX quantization formats: QDQ (weights stored
-as int8 initializers feeding ``DequantizeLinear`` -> ``Conv``) and QOperator (``QLinearConv``,
-``ConvInteger``, ...). Counting the weights behind ``DequantizeLinear`` lets the same model report
-the same parameter count before and after quantization. Needs only onnx and numpy.
+Exporters (:mod:`compresskit.export`, QAT export), quantizers (:mod:`compresskit.quantize.ptq`)
+and the measurement side (:mod:`compresskit.bench`, the report) all read and write ONNX files;
+keeping loading, atomic saving, ``metadata_props`` handling and op counting here gives them one
+implementation each, and keeps them usable where torch is not installed (only onnx and numpy
+are imported).
+
+:func:`model_stats` works on FP32 graphs and on INT8 graphs in both ONNX quantization formats:
+QDQ (weights stored as int8 initializers feeding ``DequantizeLinear`` -> ``Conv``) and QOperator
+(``QLinearConv``, ``ConvInteger``, ...). Counting the weights behind ``DequantizeLinear`` lets
+the same model report the same parameter count before and after quantization. The QDQ graph
+rewrites used by QAT export live in :mod:`compresskit.quantize.qdq`.
 """
 
 from __future__ import annotations
@@ -69,6 +76,126 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     return model
 
 
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The graph inputs that are fed at run time (older exporters also list initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in inits]
+
+
+def save_onnx(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``metadata`` into ``model``, check it and save it atomically (temp file + rename).
+
+    The parent directory is created; a crash never leaves a half-written model at ``path``.
+    """
+    path = Path(path)
+    if metadata:
+        set_metadata(model, metadata)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return path
+
+
+def op_counts(model: onnx.ModelProto | str | os.PathLike) -> dict[str, int]:
+    """Operator type -> count for the main graph of a model or file (sorted by op type)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = load_model(model, load_external_data=False)
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> onnx.ModelProto:
+    """Add or replace ``metadata_props`` entries of an in-memory model (others are kept).
+
+    Values must be strings (serialise numbers or dicts to JSON first); returns ``model``.
+    """
+    for key, value in props.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
+    merged = {p.key: p.value for p in model.metadata_props}
+    merged.update(props)
+    del model.metadata_props[:]
+    for key, value in merged.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict (weights are not loaded)."""
+    model = load_model(path, load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def write_metadata(
+    path: str | os.PathLike,
+    props: Mapping[str, str],
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Add or replace ``metadata_props`` entries and save to ``out`` (default: in place).
+
+    Values must be strings. The save is atomic. External weight files are left where they are
+    when writing into the same directory; otherwise the weights are loaded and stored inside
+    the new file.
+    """
+    path = check_model_path(path)
+    target = Path(out) if out is not None else path
+    same_dir = target.resolve().parent == path.resolve().parent
+    model = load_model(path, load_external_data=not same_dir)
+    set_metadata(model, props)
+    with atomic_path(target) as tmp:
+        onnx.save_model(model, tmp, format="protobuf")
+    return target
+
+
+# --------------------------------------------------------------------------- graph hygiene
+
+
+def tidy_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn ``Constant`` nodes into initializers and bypass ``Identity`` nodes, in place.
+
+    The TorchScript exporter leaves both behind (an Identity per shared initializer); runtimes
+    remove them anyway, but graph rewrites and readers of the file are simpler without them.
+    Graphs with subgraphs are left as they are (a subgraph may capture the names).
+    """
+    g = model.graph
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in kinds for n in g.node for a in n.attribute):
+        return model
+    graph_outputs = {o.name for o in g.output}
+    keep = []
+    rename: dict[str, str] = {}
+    for node in g.node:
+        value = _constant_tensor(node)
+        if value is not None and node.domain in ("", "ai.onnx"):
+            t = onnx.TensorProto()
+            t.CopyFrom(value)
+            t.name = node.output[0]
+            g.initializer.append(t)
+        elif node.op_type == "Identity" and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    return model
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -84,14 +211,23 @@ def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                     yield from _iter_nodes(sub)
 
 
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a ``Constant`` node with a ``value`` attribute, else None."""
+    if node.op_type != "Constant" or not node.output:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
 def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers plus tensors held by Constant nodes (some exporters use those for weights)."""
     consts = {init.name: init for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    consts[node.output[0]] = attr.t
+        value = _constant_tensor(node)
+        if value is not None:
+            consts[node.output[0]] = value
     return consts
 
 
@@ -208,11 +344,7 @@ def _count_params(graph: onnx.GraphProto) -> tuple[int, int]:
             axis = 0 if node.op_type in {"QLinearConv", "ConvInteger"} else -1
             for slot, zp_slot in slots.items():
                 if slot < len(node.input):
-                    zp_name = (
-                        node.input[zp_slot]
-                        if zp_slot is not None and zp_slot < len(node.input)
-                        else None
-                    )
+                    zp_name = node.input[zp_slot] if zp_slot is not None and zp_slot < len(node.input) else None
                     weights.add(node.input[slot], zp_name, axis)
         elif node.op_type == "Add" and len(node.input) == 2:
             # A separate bias: MatMul/Conv output + constant.
@@ -387,9 +519,7 @@ def _count_macs(model: onnx.ModelProto) -> tuple[int, int, str | None]:
 def is_int8(op_types: set[str] | Mapping[str, int]) -> bool:
     """Whether a graph with these op types computes in INT8 (QDQ or QOperator format)."""
     return any(
-        op in {"QuantizeLinear", "DynamicQuantizeLinear", "QGemm"}
-        or op.startswith("QLinear")
-        or op.endswith("Integer")
+        op in {"QuantizeLinear", "DynamicQuantizeLinear", "QGemm"} or op.startswith("QLinear") or op.endswith("Integer")
         for op in op_types
     )
 
@@ -434,37 +564,3 @@ def model_stats(path: str | os.PathLike) -> dict:
     if inference_error is not None:
         stats["shape_inference_error"] = inference_error
     return stats
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The model's ``metadata_props`` as a dict (weights are not loaded)."""
-    model = load_model(path, load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def write_metadata(
-    path: str | os.PathLike,
-    props: Mapping[str, str],
-    out: str | os.PathLike | None = None,
-) -> Path:
-    """Add or replace ``metadata_props`` entries and save to ``out`` (default: in place).
-
-    Values must be strings (serialise numbers or dicts to JSON first). The save is atomic.
-    External weight files are left where they are when writing into the same directory;
-    otherwise the weights are loaded and stored inside the new file.
-    """
-    for key, value in props.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata keys and values must be str, got {key!r}: {value!r}")
-    path = check_model_path(path)
-    target = Path(out) if out is not None else path
-    same_dir = target.resolve().parent == path.resolve().parent
-    model = load_model(path, load_external_data=not same_dir)
-    merged = {p.key: p.value for p in model.metadata_props}
-    merged.update(props)
-    del model.metadata_props[:]
-    for key, value in merged.items():
-        model.metadata_props.add(key=key, value=value)
-    with atomic_path(target) as tmp:
-        onnx.save_model(model, tmp, format="protobuf")
-    return target
