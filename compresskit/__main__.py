@@ -1,4 +1,4 @@
-from compresskit.cli import app
+from compresskit.cli import main
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,7 +2,9 @@
 
 Budgets arrive as a plain dict (the validated config dumped to data), rows as report rows
 (accuracy as a fraction, ``size_bytes``, a ``latency`` list of per-(batch, threads) entries).
-The deployed model is the fastest candidate that meets every budget; when none does, the verdict
+The deployed model is the fastest candidate that meets every budget (candidates equally fast
+within the confidence intervals of their medians are ranked by accuracy, then size, so noise
+does not flip the choice); when none does, the verdict
 still names the most accurate candidate, with ``passed`` false and the failing budgets spelled
 out, so a failed run leaves a usable answer. Pure Python: no torch, no onnxruntime.
 """
@@ -151,9 +153,14 @@ def select_and_verdict(
 ) -> dict:
     """Check every candidate and choose the model to deploy.
 
-    Passing candidates are ranked by p50 latency at the budget's batch size and threads (then
-    by accuracy, then by their order in ``candidates``); if none passes, the most accurate
-    candidate is reported with ``passed`` false and its failed budgets named in ``reason``.
+    Passing candidates are ranked by p50 latency at the budget's batch size and threads, but
+    latency differences inside the measurement noise do not decide: the candidates whose 95%
+    confidence intervals of the median (``ci95_ms``; a point without one) overlap the fastest's
+    are taken as equally fast, and among them the most accurate is chosen, then the smallest
+    file, then the first in ``candidates`` (``latency_ties`` names them; ``reason`` says so). If
+    none passes, the most accurate candidate is reported with ``passed`` false and its failed
+    budgets named in ``reason``. ``max_accuracy_drop`` checks name ``reference_model`` (in
+    ``reference`` and in their detail).
     """
     b = normalize_budgets(budgets)
     by_name = _rows_by_name(rows)
@@ -181,15 +188,61 @@ def select_and_verdict(
         acc = by_name[candidates[i]].get("accuracy")
         return (-(acc if acc is not None else -math.inf), speed(i)[0], i)
 
+    def interval(i: int) -> tuple[float, float, float]:
+        """(p50, low, high) of the 95% CI of the median; a point without one; inf unmeasured."""
+        entry = find_latency(by_name[candidates[i]], batch, threads)
+        if entry is None or entry.get("p50_ms") is None:
+            return (math.inf, math.inf, math.inf)
+        p50, ci, rel = entry["p50_ms"], entry.get("ci95_ms"), entry.get("ci95_rel")
+        if ci:
+            lo, hi = ci
+        elif rel is not None:
+            lo, hi = p50 * (1 - rel), p50 * (1 + rel)
+        else:
+            lo = hi = p50
+        return p50, min(lo, p50), max(hi, p50)
+
+    def accuracy_then_size(i: int) -> tuple:
+        row = by_name[candidates[i]]
+        acc, size = row.get("accuracy"), row.get("size_bytes")
+        return (-(acc if acc is not None else -math.inf), size if size is not None else math.inf, i)
+
+    for r in results:  # name the accuracy-drop reference wherever the check is shown
+        for c in r["checks"]:
+            if c["budget"] == "max_accuracy_drop":
+                c["reference"] = reference_model
+                if reference_model is not None and c["detail"].startswith("drop "):
+                    c["detail"] = c["detail"].replace(" pt (", f" pt vs {reference_model} (", 1)
+
     passing = [i for i, r in enumerate(results) if r["passed"]]
+    ties: list[str] = []
     if passing:
-        best = min(passing, key=speed)
-        p50 = speed(best)[0]
-        timing = f"p50 {p50:.3f} ms at batch {batch}" if math.isfinite(p50) else "no latency"
-        reason = (
-            f"{candidates[best]!r} is the fastest of {len(passing)} candidate(s) meeting all "
-            f"budgets ({timing})"
-        )
+        fastest = min(passing, key=speed)
+        f_p50, _, f_hi = interval(fastest)
+        tied = [i for i in passing if math.isfinite(f_p50) and interval(i)[1] <= f_hi]
+        best = min(tied, key=accuracy_then_size) if len(tied) > 1 else fastest
+        ties = [candidates[i] for i in tied] if len(tied) > 1 else []
+
+        def timing(i: int) -> str:
+            p50, lo, hi = interval(i)
+            if not math.isfinite(p50):
+                return "no latency"
+            return f"p50 {p50:.3f} ms" + (f", 95% CI {lo:.3f}-{hi:.3f}" if hi > lo else "")
+
+        if len(tied) > 1:
+            listed = "; ".join(f"{candidates[i]} {timing(i)}" for i in sorted(tied, key=speed))
+            reason = (
+                f"{candidates[best]!r} is the most accurate of {len(tied)} candidate(s) equally fast within "
+                f"the noise at batch {batch} (their 95% confidence intervals of the median overlap: {listed}), "
+                f"of {len(passing)} meeting all budgets; latencies within each other's confidence interval "
+                "are ranked by accuracy, then file size"
+            )
+        else:
+            reason = (
+                f"{candidates[best]!r} is the fastest of {len(passing)} candidate(s) meeting all "
+                f"budgets ({timing(best)} at batch {batch}"
+                + ("; no other's 95% CI overlaps it)" if len(passing) > 1 and math.isfinite(f_p50) else ")")
+            )
     else:
         best = min(range(len(candidates)), key=accuracy)
         failed = "; ".join(c["detail"] for c in results[best]["checks"] if not c["passed"])
@@ -205,6 +258,7 @@ def select_and_verdict(
         "budgets": b,
         "reference_model": reference_model,
         "reference_accuracy": reference_accuracy,
+        "latency_ties": ties,
     }
 
 
@@ -256,6 +310,25 @@ def render_verdict(verdict: Mapping) -> str:
     for r in [header, ["-" * w for w in widths], *rows]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def accuracy_loss_check(what: str, source: str, accuracy: float | None, source_accuracy: float | None,
+                        max_loss: float, setting: str) -> dict:
+    """Did a model lose more test accuracy against the model it was made from than `max_loss`
+    (a fraction) allows? A dict for the stage's metrics: the figures, ``exceeded`` and, when
+    exceeded, a one-line ``warning`` the stage summary and the report show (`what`: "QAT",
+    "pruning"; `source`: what it was made from; `setting`: the config key of `max_loss`).
+    Without the source's accuracy (a checkpoint from elsewhere) nothing is judged."""
+    known = accuracy is not None and source_accuracy is not None
+    loss = source_accuracy - accuracy if known else None
+    exceeded = known and loss > max_loss + _EPS
+    out = {"source": source, "accuracy": accuracy, "source_accuracy": source_accuracy, "loss": loss,
+           "max_loss": max_loss, "exceeded": bool(exceeded)}
+    if exceeded:
+        out["warning"] = (f"{what} lost {loss * 100:.1f} pt test accuracy against the {source} "
+                          f"({_pct(source_accuracy)} -> {_pct(accuracy)}), more than {setting}="
+                          f"{max_loss:g} ({max_loss * 100:.1f} pt)")
+    return out
 
 
 # --------------------------------------------------------------------------- deployment policy

@@ -47,7 +47,7 @@ def _load(path: Path, overrides: list[str] | None):
 def validate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     set_: SetOpt = None,
-    show: Annotated[bool, typer.Option(help="Print the full validated config as JSON.")] = False,
+    show: Annotated[bool, typer.Option(help="Print the full validated config as JSON on stdout (the 'ok' line goes to stderr), e.g. validate --show > config.json.")] = False,
 ) -> None:
     """Validate a pipeline file (schema, data, checkpoints, module paths) without running it."""
     cfg = _load(pipeline, set_)
@@ -57,9 +57,9 @@ def validate(
         preflight(cfg)
     except ConfigError as err:
         _config_errors(err)
-    if show:
-        console.print_json(cfg.model_dump_json())
-    console.print(f"[green]ok[/green] {pipeline}: run '{cfg.name}'", highlight=False)
+    if show:  # plain JSON, no console markup or wrapping: it is meant to be redirected
+        sys.stdout.write(cfg.model_dump_json(indent=2) + "\n")
+    (err_console if show else console).print(f"[green]ok[/green] {pipeline}: run '{cfg.name}'", highlight=False)
 
 
 @app.command()
@@ -71,23 +71,25 @@ def run(
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     traceback: Annotated[bool, typer.Option("--traceback", help="Show the full Python traceback when a stage fails.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another run holds this run's folder, wait for it instead of exiting.")] = False,
 ) -> None:
     """Run the pipeline's stages in order (see --force for their names).
 
-    Up-to-date stages are skipped; an interrupted run resumes. Exits 1 when the deployed model
-    violates a budget, 2 on bad input.
+    Up-to-date stages are skipped; an interrupted run resumes. Exits 1 when a stage fails or the
+    deployed model violates a budget, 2 on bad input (nothing written), 130 when interrupted.
     """
     cfg = _load(pipeline, set_)
-    from compresskit.data import DataError
-    from compresskit.pipeline import StageError, run_pipeline
+    from compresskit.pipeline import RunLocked, StageError, run_pipeline
+    from compresskit.stage import InputError
 
     try:
         outcomes, report = run_pipeline(cfg, force=set(force or ()), from_stage=from_stage, until=until,
-                                        quiet=quiet, traceback=traceback, log=lambda m: console.print(m, highlight=False, markup=False))
+                                        quiet=quiet, traceback=traceback, wait=wait,
+                                        log=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         _config_errors(err)
-    except DataError as err:
-        err_console.print(f"[red]error[/red] data: {err}", highlight=False)
+    except (InputError, RunLocked) as err:
+        err_console.print(f"[red]error[/red] {'data: ' if type(err).__name__ == 'DataError' else ''}{err}", highlight=False)
         raise typer.Exit(2) from None
     except (StageError, FileNotFoundError, FloatingPointError) as err:
         err_console.print(f"[red]error[/red] {err}", highlight=False)
@@ -117,17 +119,23 @@ def run(
 
 @app.command()
 def bench(
-    model: Annotated[Path, typer.Argument(help="ONNX model (FP32 or INT8).")],
+    models: Annotated[list[Path], typer.Argument(help="ONNX model(s) (FP32 or INT8); several are timed together, in alternation, so their latencies compare.")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",
     threads: Annotated[str, typer.Option(help="Comma-separated intra-op thread counts (0: all cores).")] = "1",
-    max_seconds: Annotated[float, typer.Option(help="Time budget per measurement.")] = 3.0,
+    max_seconds: Annotated[float, typer.Option(help="Time budget per measurement (per model and setting).")] = 3.0,
     warmup: Annotated[int, typer.Option(help="Warm-up runs.")] = 10,
     target_rel_ci: Annotated[float | None, typer.Option(help="Stop a measurement early once the 95% confidence interval of the median is within +- this fraction of it (e.g. 0.01).")] = None,
-    data: Annotated[Path | None, typer.Option(help=".npz with arrays x (N,C,H,W float32, preprocessed) and y (N,) for accuracy.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with arrays x (N,C,H,W float32, preprocessed) and y (N,) for accuracy; checked against the model's recorded preprocessing (write one with `compresskit npz`).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (one model: its result; several: {\"models\": {name: result}}).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr (warnings are still printed).")] = False,
 ) -> None:
-    """Measure latency (and accuracy) of any ONNX model with onnxruntime, and how close it runs to the CPU's peak. Needs no torch."""
-    from compresskit.bench import bench_model
+    """Measure latency (and accuracy) of ONNX models with onnxruntime, and how close they run to the CPU's peak. Needs no torch.
+
+    Prints one progress line per measurement on stderr, and a warning when other processes used
+    more than 10% of a CPU core meanwhile (Linux) or when --data does not look preprocessed the
+    way the model records.
+    """
+    from compresskit.bench import PREPROCESS_KEY, bench_models, busy_warning, check_preprocessed
     from compresskit.report import fmt_peak_fraction
 
     try:
@@ -136,9 +144,14 @@ def bench(
     except ValueError:
         err_console.print("error --batch-sizes/--threads: expected comma-separated integers")
         raise typer.Exit(2) from None
-    if not model.is_file():
-        err_console.print(f"error {model}: file not found")
-        raise typer.Exit(2)
+    for model in models:
+        if not model.is_file():
+            err_console.print(f"error {model}: file not found")
+            raise typer.Exit(2)
+    names: dict[str, Path] = {}
+    for model in models:  # table and JSON names: the file stem, numbered when two share one
+        name = model.stem if model.stem not in names else f"{model.stem}#{len(names) + 1}"
+        names[name] = model
     x = y = None
     if data is not None:
         import numpy as np
@@ -150,24 +163,50 @@ def bench(
             if "x" not in npz or "y" not in npz:
                 err_console.print(f"error --data {data}: needs arrays 'x' and 'y'")
                 raise typer.Exit(2)
-            x, y = npz["x"].astype("float32"), npz["y"]
+            x_raw, y = npz["x"], npz["y"]
+        from compresskit.onnxutil import read_metadata
+
+        warned = set()
+        for name, model in names.items():
+            try:
+                recorded = read_metadata(model).get(PREPROCESS_KEY) if model.suffix != ".ort" else None
+            except Exception:  # an unreadable model is reported by the measurement below
+                recorded = None
+            problem = check_preprocessed(x_raw, recorded)
+            if problem and problem not in warned:
+                warned.add(problem)
+                err_console.print(f"[yellow]warning[/yellow] --data {data} ({name}): {problem}", highlight=False,
+                                  soft_wrap=True)
+        x = x_raw.astype("float32")
+
+    def progress(msg: str) -> None:
+        err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
     try:
-        result = bench_model(model, batch_sizes=bs, threads=th, warmup=warmup, max_seconds=max_seconds,
-                             target_rel_ci=target_rel_ci, x=x, y=y)
+        results = bench_models(names, batch_sizes=bs, threads=th, warmup=warmup, max_seconds=max_seconds,
+                               target_rel_ci=target_rel_ci, x=x, y=y, progress=None if quiet else progress)
     except ValueError as err:
         err_console.print(f"error {err}")
         raise typer.Exit(2) from None
-    table = Table(title=str(model))
-    for col in ("batch", "threads", "p50 ms", "95% CI", "p90 ms", "p99 ms", "samples/s", "GMAC/s", "% of peak", "runs"):
-        table.add_column(col, justify="right")
-    for lat in result["latency"]:
-        rel = lat.get("ci95_rel")
-        table.add_row(str(lat["batch_size"]), str(lat["threads"]), f"{lat['p50_ms']:.3f}",
-                      "-" if rel is None else f"±{rel:.1%}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                      f"{lat['throughput']:.0f}", "-" if lat.get("gmacs") is None else f"{lat['gmacs']:.2f}",
-                      fmt_peak_fraction(lat.get("peak_fraction")), f"{lat['runs']} ({lat.get('stopped_by', '-')})")
-    console.print(table)
-    peaks = {(p["cores"], p["peak_gmacs"]): p for lat in result["latency"] if (p := lat.get("peak"))}
+    for name, result in results.items():
+        table = Table(title=str(names[name]))
+        for col in ("batch", "threads", "p50 ms", "95% CI", "p90 ms", "p99 ms", "samples/s", "GMAC/s", "% of peak", "runs"):
+            table.add_column(col, justify="right")
+        for lat in result["latency"]:
+            rel = lat.get("ci95_rel")
+            table.add_row(str(lat["batch_size"]), str(lat["threads"]), f"{lat['p50_ms']:.3f}",
+                          "-" if rel is None else f"±{rel:.1%}", f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
+                          f"{lat['throughput']:.0f}", "-" if lat.get("gmacs") is None else f"{lat['gmacs']:.2f}",
+                          fmt_peak_fraction(lat.get("peak_fraction")), f"{lat['runs']} ({lat.get('stopped_by', '-')})")
+        console.print(table)
+        params, macs = result.get("params"), result.get("macs")
+        console.print(f"size {result['size_bytes'] / 1024:.1f} KiB, "
+                      f"params {f'{params:,}' if params is not None else 'n/a'}, "
+                      f"MACs {f'{macs / 1e6:.2f}M' if macs is not None else 'n/a'}, int8 {result.get('int8', 'n/a')}"
+                      + (f", accuracy {result['accuracy']:.2%}" if result.get("accuracy") is not None else ""),
+                      highlight=False)
+    all_latency = [lat for result in results.values() for lat in result["latency"]]
+    peaks = {(p["precision"], p["cores"], p["peak_gmacs"]): p for lat in all_latency if (p := lat.get("peak"))}
     if peaks:
         first = next(iter(peaks.values()))
         clock = "unknown" if first["clock_ghz"] is None else f"{first['clock_ghz']:.2f} GHz ({first['clock_source']})"
@@ -176,16 +215,47 @@ def bench(
         for p in peaks.values():
             console.print(f"  peak {p['precision']}, {p['cores']} core(s): {p['calculation'] or 'unknown'}",
                           highlight=False, soft_wrap=True)
-    params, macs = result.get("params"), result.get("macs")
-    console.print(f"size {result['size_bytes'] / 1024:.1f} KiB, "
-                  f"params {f'{params:,}' if params is not None else 'n/a'}, "
-                  f"MACs {f'{macs / 1e6:.2f}M' if macs is not None else 'n/a'}, int8 {result.get('int8', 'n/a')}"
-                  + (f", accuracy {result['accuracy']:.2%}" if result.get("accuracy") is not None else ""),
-                  highlight=False)
+    if len(results) > 1:
+        console.print("Timed together: per batch size and thread count the models ran in alternation, so their "
+                      "latencies compare.", highlight=False, soft_wrap=True)
+    load = next(iter(results.values()))["load"]
+    warning = busy_warning(load)
+    if warning:
+        err_console.print(f"[yellow]warning[/yellow] {warning}", highlight=False, soft_wrap=True)
+    elif load.get("busy_fraction") is not None and not quiet:
+        err_console.print(f"other processes used {load['busy_fraction']:.0%} of a CPU core while timing", highlight=False)
     if json_out:
         from compresskit.artifacts import atomic_write_json
 
-        atomic_write_json(json_out, result)
+        atomic_write_json(json_out, next(iter(results.values())) if len(results) == 1 else {"models": results})
+
+
+@app.command("npz")
+def npz_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file (its data section is used).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=".npz file to write.")],
+    split: Annotated[str, typer.Option(help="Split: test, val, train or calib.")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many samples (default: the whole split).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a split as a preprocessed .npz (x: float32 NCHW normalised like the model's input, y: int64 labels) for `bench --data` and `bundle --samples-from`."""
+    if split not in ("test", "val", "train", "calib"):
+        err_console.print(f"error --split {split!r}: expected test, val, train or calib")
+        raise typer.Exit(2)
+    cfg = _load(pipeline, set_)
+    from compresskit.data import DataError, write_eval_npz
+
+    try:
+        info = write_eval_npz(cfg.data, out, split=split, limit=limit, seed=cfg.seed)
+    except DataError as err:
+        err_console.print(f"[red]error[/red] data: {err}", highlight=False)
+        raise typer.Exit(2) from None
+    except OSError as err:
+        err_console.print(f"error {out}: cannot write: {err}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"wrote {info['path']}: {info['n']} {split} samples, x {tuple(info['shape'])} float32 "
+                  f"preprocessed as (pixel * {info['preprocess']['scale']:.6g} - mean {info['preprocess']['mean']}) "
+                  f"/ std {info['preprocess']['std']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -196,18 +266,43 @@ def check(
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Override: maximum drop vs the reference model (fraction points).")] = None,
     max_latency_ms: Annotated[float | None, typer.Option(help="Override: maximum p50 latency (ms).")] = None,
     max_size_mb: Annotated[float | None, typer.Option(help="Override: maximum size (MiB).")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="report.json (or run directory) of a baseline run, e.g. the main branch's: compare accuracy, latency and size per model present in both and for the deployed model.")] = None,
+    max_accuracy_drop_vs_baseline_pt: Annotated[float, typer.Option(min=0, help="With --baseline: fail when a model's accuracy is more than this many percentage points below the baseline's (0.5: 92.0% -> 91.5% passes).")] = 0.5,
+    max_latency_increase_vs_baseline_pct: Annotated[float, typer.Option(min=0, help="With --baseline: fail when a latency is significantly higher (95% bootstrap CI of the ratio of medians above 1, from the timing samples in both reports) and by more than this percent; pass when the CI rules out more than this; otherwise inconclusive.")] = 5.0,
+    max_size_increase_vs_baseline_pct: Annotated[float, typer.Option(min=0, help="With --baseline: fail when a model file grew by more than this percent.")] = 5.0,
+    any_machine: Annotated[bool, typer.Option("--any-machine", help="With --baseline: judge latency even when the runs were timed on different CPUs or onnxruntime versions (otherwise those latency checks are inconclusive).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on inconclusive checks too.")] = False,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one testcase per model x check; failures as <failure>, inconclusive as <skipped>.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every check as JSON here (schema compresskit.gate).")] = None,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown summary here (for $GITHUB_STEP_SUMMARY or a PR comment).")] = None,
+    device_max_latency_ms: Annotated[float | None, typer.Option(help="Latency budget (ms) for the device rows merged with 'compresskit report --add-device' (the host's --max-latency-ms does not apply to them).")] = None,
 ) -> None:
-    """Re-check a run's report against its budgets (or others); exit 1 on a violation."""
+    """Re-check a run's report against its budgets (or others) and, with --baseline, against a
+    baseline run's report.
+
+    Latency is judged on the timing samples both reports keep: pass, fail (a significant slow-down
+    larger than the minimum effect) or inconclusive (too few samples, overlapping evidence, other
+    machine).
+
+    Device rows merged with 'compresskit report --add-device' are re-checked too.
+
+    Exit codes: 0 every check passed (inconclusive allowed unless --strict); 1 a budget, baseline
+    or device check failed; 2 bad input (missing or invalid report, budgets or options).
+    """
     from compresskit.budget import decide, render_verdict, resolve_budgets
     from compresskit.config import BudgetConfig
     from compresskit.report import load_report
 
-    path = report / "report.json" if report.is_dir() else report
-    try:
-        rep = load_report(path)
-    except (FileNotFoundError, ValueError) as err:
-        err_console.print(f"error {path}: {err}")
-        raise typer.Exit(2) from None
+    def _load_report(where: Path, what: str) -> dict:
+        path = where / "report.json" if where.is_dir() else where
+        try:
+            return load_report(path)
+        except (FileNotFoundError, ValueError) as err:
+            err_console.print(f"error {what}{path}: {err}")
+            raise typer.Exit(2) from None
+
+    rep = _load_report(report, "")
+    base_rep = _load_report(baseline, "--baseline ") if baseline is not None else None
     b = dict(rep["config"].get("budgets", {}))
     if budgets is not None:
         from compresskit.config import load_raw
@@ -236,10 +331,45 @@ def check(
         raise typer.Exit(2) from None
     bc = resolve_budgets(bc, rep["config"].get("bench", {}).get("threads", [1]))
     candidates = rep["verdict"].get("candidates") or [c["model"] for c in rep["verdict"].get("checks", [])]
-    verdict = decide(rep["rows"], bc, candidates)
+    try:
+        verdict = decide(rep["rows"], bc, candidates)
+    except ValueError as err:  # a report without the rows its verdict names
+        err_console.print(f"error {report}: {err}")
+        raise typer.Exit(2) from None
     console.print(render_verdict(verdict), highlight=False)
-    if not verdict["passed"]:
-        raise typer.Exit(1)
+    devices_failed = _check_devices(rep, {"min_accuracy": min_accuracy, "max_accuracy_drop": max_accuracy_drop,
+                                          "max_size_mb": max_size_mb}, device_max_latency_ms)
+    from compresskit import gate
+    from compresskit.artifacts import atomic_write_text
+
+    limits = gate.GateLimits(max_accuracy_drop_pt=max_accuracy_drop_vs_baseline_pt,
+                             max_latency_increase_pct=max_latency_increase_vs_baseline_pct,
+                             max_size_increase_pct=max_size_increase_vs_baseline_pct,
+                             any_machine=any_machine, strict=strict)
+    result = gate.compare_runs(rep, base_rep, limits, budget_verdict=verdict)
+    console.print(gate.render_text(result, suites=(gate.SUITE_BASELINE,)), highlight=False, markup=False, soft_wrap=True)
+    for out, render in ((junit, gate.to_junit), (json_out, gate.to_json), (markdown, gate.to_markdown)):
+        if out is not None:
+            try:
+                atomic_write_text(out, render(result))
+            except OSError as err:
+                err_console.print(f"error {out}: cannot write: {err}")
+                raise typer.Exit(2) from None
+    if result.exit_code or devices_failed:
+        raise typer.Exit(result.exit_code or 1)
+
+
+def _check_devices(rep: dict, overrides: dict, device_max_latency_ms: float | None) -> bool:
+    """Re-check the deployed model on every device merged into the report; True if one fails."""
+    if not any(r.get("device") for r in rep.get("rows", [])):
+        return False
+    from compresskit.report.device import recheck_devices
+
+    verdicts = recheck_devices(rep, overrides, device_max_latency_ms)
+    for name, v in verdicts.items():
+        mark = "[green]PASS[/green]" if v["passed"] else "[red]FAIL[/red]"
+        console.print(f"device {name}: {mark} {v['reason']}", highlight=False)
+    return not all(v["passed"] for v in verdicts.values())
 
 
 @methods_app.command("distill")
@@ -253,5 +383,141 @@ def methods_distill() -> None:
         console.print(f"{name:<{width}}  {desc}", highlight=False, soft_wrap=True)
 
 
+def _run_report_paths(target: Path, report: Path | None) -> tuple[Path | None, Path]:
+    """(run dir or None, report.json) for a models/<run> folder, a report folder or report.json."""
+    from compresskit.bundle import BundleError, report_path_of
+
+    if report is not None or (target / "report" / "metrics.json").is_file():
+        try:
+            return target, report_path_of(target, report)
+        except BundleError as err:
+            err_console.print(f"error {err}", highlight=False)
+            raise typer.Exit(2) from None
+    path = target / "report.json" if target.is_dir() else target
+    if not path.is_file():
+        err_console.print(f"error {target}: neither a run folder (models/<run> with report/metrics.json) "
+                          "nor a report folder or report.json", highlight=False)
+        raise typer.Exit(2)
+    from compresskit.report.device import run_dir_of
+
+    return run_dir_of(path), path
+
+
+def _merge_and_print(report_json: Path, run_dir: Path | None, files: list[tuple[str | None, Path]],
+                     max_latency_ms: float | None) -> None:
+    from compresskit.report.device import DeviceResultError, add_devices, render_device_verdicts
+
+    try:
+        merged = add_devices(report_json, files, run_dir=run_dir,
+                             budget_overrides={"max_latency_ms": max_latency_ms} if max_latency_ms else None)
+    except (DeviceResultError, FileNotFoundError, ValueError) as err:
+        err_console.print(f"error {err}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(render_device_verdicts(merged), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"report: {report_json.parent / 'report.md'}", highlight=False)
+    if any(not v["passed"] for v in (merged.get("device_verdicts") or {}).values()):
+        raise typer.Exit(1)
+
+
+def _device_file(spec: str) -> tuple[str | None, Path]:
+    """``result.json`` or ``NAME=result.json`` (NAME overrides the device's own name)."""
+    name, sep, rest = spec.partition("=")
+    if sep and not Path(spec).exists() and name and "/" not in name:
+        return name, Path(rest)
+    return None, Path(spec)
+
+
+@app.command()
+def bundle(
+    run_dir: Annotated[Path, typer.Argument(help="The run's folder: models/<run>.")],
+    target: Annotated[str, typer.Option(help="rpi | android | ios | x86 (android and ios add .ort files).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (OUT.zip is written too).")],
+    all_models: Annotated[bool, typer.Option("--all-models", help="Every export/*.onnx, not only the deployed model.")] = False,
+    samples: Annotated[int, typer.Option(help="Evaluation samples from the test split (0: none).")] = 1000,
+    samples_from: Annotated[Path | None, typer.Option(help=".npz with x (preprocessed float32 NCHW) and y: use these samples (needs no torch).")] = None,
+    report: Annotated[Path | None, typer.Option(help="The run's report.json (default: from report/metrics.json).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace OUT even if it is not an earlier bundle.")] = False,
+    ssh: Annotated[str | None, typer.Option(help="user@host: copy the bundle there, run bench.py, fetch and merge result.json.")] = None,
+    ssh_port: Annotated[int | None, typer.Option(help="ssh port.")] = None,
+    ssh_identity: Annotated[Path | None, typer.Option(help="ssh private key file.")] = None,
+    ssh_option: Annotated[list[str] | None, typer.Option(help="Extra ssh/scp -o option, e.g. StrictHostKeyChecking=no. Repeatable.")] = None,
+    remote_python: Annotated[str, typer.Option(help="Python on the host (e.g. ~/ck-venv/bin/python after the README's setup).")] = "python3",
+    remote_dir: Annotated[str, typer.Option(help="Folder on the host that receives the bundle (relative to home).")] = "compresskit-bundles",
+    bench_args: Annotated[str, typer.Option(help="Extra arguments for bench.py on the host, e.g. '--threads 1,0 --max-seconds 5'.")] = "",
+    device_name: Annotated[str | None, typer.Option(help="Device name for the merged rows (default: bench.py's, e.g. rpi5).")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="With --ssh: latency budget for the device verdict (default: the run's).")] = None,
+) -> None:
+    """Write a device bundle (model, .ort for phones, samples, runner bench.py, README); with --ssh also measure it there and merge the result into the report."""
+    import shlex
+
+    from compresskit.bundle import BundleError, describe_model, make_bundle, ssh_bench
+
+    def log(msg: str) -> None:
+        console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+    try:
+        manifest = make_bundle(run_dir, target, out, all_models=all_models, samples=samples, samples_from=samples_from,
+                               report=report, force=force, log=log)
+    except BundleError as err:
+        err_console.print(f"error {err}", highlight=False)
+        raise typer.Exit(2) from None
+    for m in manifest["models"]:
+        log(describe_model(m))
+    if not ssh:
+        return
+    extra = shlex.split(bench_args) + (["--device-name", device_name] if device_name else [])
+    try:
+        result = ssh_bench(out, ssh, port=ssh_port, identity=ssh_identity, options=ssh_option or (),
+                           remote_python=remote_python, remote_dir=remote_dir, bench_args=extra, log=log)
+    except BundleError as err:
+        err_console.print(f"error {err}", highlight=False)
+        raise typer.Exit(1) from None
+    _, report_json = _run_report_paths(run_dir, report)
+    _merge_and_print(report_json, run_dir, [(device_name, result)], max_latency_ms)
+
+
+@app.command("report")
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="models/<run> (its report is found from report/metrics.json), a report folder, or report.json.")],
+    add_device: Annotated[list[str] | None, typer.Option("--add-device", help="A bench.py result.json (or NAME=result.json). Repeatable.")] = None,
+    report: Annotated[Path | None, typer.Option(help="The run's report.json, if not found from RUN.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency budget for the device verdicts (default: the run's); kept for later merges.")] = None,
+) -> None:
+    """Merge device results into the run's report (rows MODEL@DEVICE), re-render report.md and re-check the budgets at each device's measurements; exit 1 when a device fails them. Without --add-device, re-merges the stored results (after a re-run)."""
+    run_dir, report_json = _run_report_paths(run, report)
+    files = [_device_file(spec) for spec in add_device or []]
+    _merge_and_print(report_json, run_dir, files, max_latency_ms)
+
+
+# what `pip install 'compresskit[train]'` adds to the torch-free core
+TRAIN_EXTRA = {"torch", "torchvision", "torch_pruning", "onnxscript"}
+
+
+def main() -> None:
+    """The `compresskit` command: any error that escapes a command is one line on stderr
+    (type and message) with exit code 1; `--traceback` (or COMPRESSKIT_TRACEBACK=1) shows it whole."""
+    import os
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        err_console.print(f"[red]error[/red] this command needs {err.name}, which the light install leaves out: "
+                          "pip install 'compresskit\\[train]'", highlight=False)
+        sys.exit(2)
+    except Exception as err:
+        if "--traceback" in sys.argv or os.environ.get("COMPRESSKIT_TRACEBACK") == "1":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        err_console.print(f"[red]error[/red] {type(err).__name__}: {first} (--traceback shows where)", highlight=False)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    sys.exit(app())
+    main()

@@ -9,16 +9,40 @@ method-specific options are discriminated unions. `load_config(path, overrides)`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from compresskit.config_terms import CETerm, KDTerm, LossTerm
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    """Unknown keys are errors, and types are strict: `epochs: true` is not 1 and `lr: '0.1'` is
+    not 0.1 (an int is still a float). Paths are the one exception: YAML gives them as strings."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_choices(cls, data: Any) -> Any:
+        """Strict mode still takes `true` for `Literal[1, 3]` (True == 1): pass it on as the text
+        it was written as, so the field itself reports it at its own key path."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and not _allows_bool(field.annotation):
+                    data = {**data, name: str(value).lower()}
+        return data
+
+
+def _allows_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_allows_bool(a) for a in get_args(annotation) if not isinstance(a, FieldInfo))
 
 
 class ConfigError(Exception):
@@ -48,7 +72,7 @@ class SyntheticConfig(Strict):
 class DataConfig(Strict):
     dataset: Literal["fashion-mnist", "cifar10", "imagefolder", "synthetic"] = Field(
         "fashion-mnist", description="Dataset to train and evaluate on.")
-    root: Path | None = Field(None, description=(
+    root: Path | None = Field(None, strict=False, description=(
         "Dataset directory. fashion-mnist: the four IDX .gz files (default: Debian's "
         "/usr/share/datasets/fashion-mnist, else ./data/fashion-mnist); cifar10: torchvision's root; "
         "imagefolder: a directory with train/ and test/ class-per-folder subdirectories."))
@@ -118,6 +142,21 @@ class CustomSpec(Strict):
     arch: Literal["custom"] = Field(description="A user model built by a Python callable.")
     factory: str = Field(pattern=r"^[\w.]+:[\w.]+$", description="'package.module:callable' returning an nn.Module; it gets num_classes/in_channels if it accepts them.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the callable.")
+    search_path: list[str] = Field(default_factory=list, description="Folders searched first for the factory's module (relative ones: to the pipeline file's folder, which load_config adds last), then PYTHONPATH, then the current directory.")
+
+    @classmethod
+    def anchor_all(cls, node: Any, folder: Path) -> None:
+        """Give every custom spec under `node` (a config) absolute search folders: its own,
+        relative to `folder` (the pipeline file's), then `folder` itself."""
+        if isinstance(node, cls):
+            paths = [Path(p) if Path(p).is_absolute() else folder / p for p in node.search_path]
+            node.search_path = list(dict.fromkeys(str(p) for p in [*paths, folder]))
+        elif isinstance(node, BaseModel):
+            for name in type(node).model_fields:
+                cls.anchor_all(getattr(node, name), folder)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                cls.anchor_all(item, folder)
 
 
 ModelSpec = Annotated[
@@ -144,6 +183,9 @@ class TrainConfig(Strict):
     channels_last: bool = Field(True, description="Train in channels_last memory format (faster convolutions on CPU and GPU).")
     amp: Literal["auto", "off", "fp16", "bf16"] = Field("auto", description="Mixed precision: auto = bf16/fp16 on CUDA, off on CPU.")
     cache_teacher: bool = Field(True, description="Memoise teacher logits per image when inputs repeat exactly (no augmentation, logit-only loss terms); exact, and a KD step then costs about a student-only step.")
+    max_loss_growth: float | None = Field(100.0, gt=1.0, description="Stop as diverged when an epoch's mean train loss exceeds this many times the larger of the first batch's loss and ln(classes) (a uniform guess's cross-entropy); null: off.")
+    chance_epochs: int | None = Field(3, ge=1, description="Stop as collapsed when, for this many epochs after the first, val accuracy (train accuracy without val) stays within chance_margin of 1/classes and the train loss fell by less than 1%; null: off.")
+    chance_margin: float = Field(0.02, ge=0.0, le=1.0, description="How far above 1/classes an accuracy still counts as chance (fraction), for chance_epochs.")
 
 
 # ------------------------------------------------------------------ distillation loss terms
@@ -157,7 +199,7 @@ def default_kd_loss() -> list[LossTerm]:
 
 class EnsembleMember(Strict):
     model: ModelSpec | None = Field(None, description="Architecture of this extra teacher (default: teacher.model).")
-    checkpoint: Path | None = Field(None, description="Load this checkpoint instead of training the member.")
+    checkpoint: Path | None = Field(None, strict=False, description="Load this checkpoint instead of training the member.")
     seed: int | None = Field(None, description="Training seed (default: the run's seed + the member's position).")
 
 
@@ -179,10 +221,11 @@ class SpecialistsConfig(Strict):
 class TeacherConfig(Strict):
     model: ModelSpec = Field(default_factory=lambda: ResNetSpec(arch="resnet", width=32, stem_stride=2),
                              description="Teacher architecture (also used to load a plain state-dict checkpoint).")
-    checkpoint: Path | None = Field(None, description="Load this checkpoint instead of training (a compresskit checkpoint or a state dict).")
+    checkpoint: Path | None = Field(None, strict=False, description="Load this checkpoint instead of training (a compresskit checkpoint or a state dict).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings when no checkpoint is given.")
     ensemble: list[EnsembleMember] = Field(default_factory=list, description="Extra teachers: with any, the teacher is an ensemble of teacher.model and these (the 'ensemble' loss term averages their soft targets).")
     specialists: SpecialistsConfig = Field(default_factory=SpecialistsConfig, description="Generalist + specialists teacher (Hinton et al. 2015).")
+    preprocess_mismatch: Literal["refuse", "convert", "ignore"] = Field("refuse", description="A checkpoint (teacher or ensemble member) that records other preprocessing than the data's: refuse it; convert (fold a different mean/std into its first convolution, noted in the metrics); or ignore the difference.")
 
     @model_validator(mode="after")
     def _one_scheme(self) -> TeacherConfig:
@@ -229,6 +272,7 @@ class MagnitudePrune(Strict):
 class FinetuneConfig(Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=0.02), description="Recovery fine-tuning settings.")
     loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Loss terms; teacher terms use the stage's teacher model.")
+    max_accuracy_loss: float = Field(0.02, ge=0.0, le=1.0, description="Test accuracy the pruned, fine-tuned model may lose against the student it was pruned from (fraction: 0.02 = 2 pt) before the stage summary and the report warn.")
 
 
 class PruneConfig(Strict):
@@ -269,6 +313,7 @@ class QATConfig(Strict):
     loss: list[LossTerm] = Field(default_factory=default_kd_loss, min_length=1, description="Loss terms; the teacher is the float (pruned) student.")
     per_channel: bool | Literal["auto"] = Field("auto", description="Per-output-channel weight scales; auto: as the PTQ search's winner (measured fastest here), else true.")
     activation_type: Literal["auto", "uint8", "int8"] = Field("auto", description="Activation type of the fake-quantized model and its QDQ export; auto: the one of the PTQ search's winner (measured fastest here), else uint8.")
+    max_accuracy_loss: float = Field(0.02, ge=0.0, le=1.0, description="Test accuracy the QAT model may lose against the float model it was trained from (fraction: 0.02 = 2 pt) before the stage summary and the report warn.")
 
 
 class QuantizeConfig(Strict):
@@ -279,7 +324,10 @@ class QuantizeConfig(Strict):
 class ExportConfig(Strict):
     opset: int = Field(17, ge=13, le=23, description="ONNX opset.")
     parity_samples: int = Field(512, ge=1, description="Test images used for the PyTorch/ONNX parity check.")
-    max_abs_diff: float = Field(1e-3, gt=0.0, description="FP32 parity tolerance on logits; a larger difference fails the stage.")
+    max_abs_diff: float = Field(1e-3, gt=0.0, description="FP32 parity: absolute floor on the largest |logit difference|; a difference up to this always passes (tiny logits), above it max_rel_diff decides.")
+    max_rel_diff: float = Field(1e-4, gt=0.0, description="FP32 parity: largest |logit difference| relative to the largest |logit| of the PyTorch model on the parity images; above this (and above max_abs_diff) fails the stage.")
+    min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="FP32 parity: smallest fraction of parity images on which ONNX and PyTorch pick the same class; below this fails the stage.")
+    max_abs_logit: float | None = Field(1e3, gt=0.0, description="A model whose logits on the parity images are not finite or exceed this in magnitude is reported as diverged and not exported (softmax saturates in float32 at logit gaps of ~100; trained classifiers stay well below); null: no bound, only non-finite logits fail.")
     ort_format: bool = Field(False, description="Also write .ort files for onnxruntime mobile.")
 
 
@@ -291,6 +339,12 @@ class BenchConfig(Strict):
     max_seconds: float = Field(2.0, gt=0.0, description="Time budget per (model, batch, threads) measurement.")
     target_rel_ci: float | None = Field(0.02, gt=0.0, lt=1.0, description="Stop timing once the 95% confidence interval of the median is within +- this fraction of it (or at max_seconds); null: always run max_seconds.")
     accuracy: bool = Field(True, description="Evaluate every model on the full test set through onnxruntime.")
+
+
+class TrackingConfig(Strict):
+    mlflow_uri: str | None = Field(None, description="Log the run to MLflow: a tracking server URI (http://host:5000) or a local folder (a file store, e.g. mlruns). Needs compresskit[track].")
+    mlflow_experiment: str = Field("compresskit", description="MLflow experiment name.")
+    tensorboard_dir: Path | None = Field(None, strict=False, description="Log the run's figures and training curves for TensorBoard under this folder. Needs compresskit[track].")
 
 
 class BudgetConfig(Strict):
@@ -309,8 +363,8 @@ class PipelineConfig(Strict):
     seed: int = Field(0, description="Random seed.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads for training (default: torch's choice).")
-    models_dir: Path = Field(Path("models"), description="Root of run artifacts.")
-    reports_dir: Path = Field(Path("reports"), description="Root of run reports.")
+    models_dir: Path = Field(Path("models"), strict=False, description="Root of run artifacts.")
+    reports_dir: Path = Field(Path("reports"), strict=False, description="Root of run reports.")
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher stage.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation stage.")
@@ -319,6 +373,7 @@ class PipelineConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export stage.")
     bench: BenchConfig = Field(default_factory=BenchConfig, description="Benchmark stage.")
     budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="CI budgets for the deployed model.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Optional experiment tracking (MLflow, TensorBoard); no stage reads it.")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -434,8 +489,11 @@ def load_raw(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a pipeline file. Relative paths inside stay relative to the cwd."""
+    """Read, override and validate a pipeline file. Relative paths inside stay relative to the cwd;
+    custom model factories are also looked for in the pipeline file's folder."""
     raw = load_raw(path)
     if isinstance(raw, dict) and overrides:
         raw = apply_overrides(raw, overrides)
-    return validate_config(raw)
+    cfg = validate_config(raw)
+    CustomSpec.anchor_all(cfg, Path(path).resolve().parent)
+    return cfg

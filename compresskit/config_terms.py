@@ -25,7 +25,7 @@ _WEIGHT = "Weight of this term in the sum."
 class TermSpec(BaseModel):
     """Base of the term configs: `method` and `weight` are common to all."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
     def module_paths(self) -> list[tuple[str, str, str]]:
         """(field, side, path) of every module path the term names; side is student or teacher."""

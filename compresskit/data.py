@@ -7,12 +7,17 @@ lazily through a DataLoader and goes through the same batch transform.
 
 Splits: `train` (for fitting), `val` (carved from the training set, for model selection),
 `test` (only for the reported accuracy), `calib` (a subset of `train` for PTQ calibration).
+
+Before a run (`compresskit.preflight`): `check_data` finds what `load_data` would fail on (an
+image folder is scanned whole by `scan_imagefolder`), and `config_preprocess` tells, from the
+config alone, what `DataBundle.checkpoint_preprocess()` will be (what checkpoints record).
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from compresskit.config import DataConfig
+from compresskit.stage import InputError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -34,7 +40,7 @@ DEFAULT_NORM = {  # mean, std after scaling pixels to [0, 1]
 }
 
 
-class DataError(Exception):
+class DataError(InputError):
     """The dataset cannot be found or read; the message says how to fix it."""
 
 
@@ -103,8 +109,27 @@ class DataBundle:
 
     def preprocess(self) -> dict:
         """What a deployment applies to raw 0..255 pixels: (x * scale - mean) / std, NCHW."""
-        return {"scale": 1 / 255, "mean": self.mean, "std": self.std, "layout": "NCHW",
-                "channels": self.in_channels, "size": list(self.image_size)}
+        return _preprocess(self.mean, self.std, self.in_channels, self.image_size)
+
+    def checkpoint_preprocess(self) -> dict:
+        """What a checkpoint records of the data it was trained on (`save_checkpoint(...,
+        preprocess=...)`): `preprocess()` plus the class names, in label order."""
+        return self.preprocess() | {"class_names": list(self.class_names)}
+
+
+PIXEL_SCALE = 1 / 255
+
+
+def _preprocess(mean, std, channels: int, size) -> dict:
+    return {"scale": PIXEL_SCALE, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "layout": "NCHW", "channels": int(channels), "size": [int(v) for v in size]}
+
+
+def _normalisation(cfg: DataConfig, channels: int) -> tuple[list[float], list[float]]:
+    """mean, std the batches are normalised with: the config's, else the dataset's default."""
+    mean, std = DEFAULT_NORM.get(cfg.dataset, ([0.5] * channels, [0.25] * channels))
+    return (list(cfg.mean) if cfg.mean is not None else list(mean),
+            list(cfg.std) if cfg.std is not None else list(std))
 
 
 class BatchTransform:
@@ -326,9 +351,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
             raise DataError(f"data.class_names has {len(cfg.class_names)} names but the dataset has "
                             f"{num_classes} classes")
         names = list(cfg.class_names)
-    mean, std = DEFAULT_NORM.get(cfg.dataset, ([0.5] * in_channels, [0.25] * in_channels))
-    mean = list(cfg.mean) if cfg.mean is not None else list(mean)
-    std = list(cfg.std) if cfg.std is not None else list(std)
+    mean, std = _normalisation(cfg, in_channels)
     for key, values in (("mean", mean), ("std", std)):
         if len(values) != in_channels:
             raise DataError(f"data.{key} has {len(values)} values but the images have {in_channels} channels")
@@ -366,3 +389,169 @@ def check_data_available(cfg: DataConfig) -> str | None:
         if not (root / "cifar-10-batches-py").is_dir():
             return f"CIFAR-10 not found in {root} (set data.root or data.download: true)"
     return None
+
+
+# ------------------------------------------------------------------ checks before a run
+
+KNOWN_CLASSES = {"fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
+KNOWN_SHAPE = {"fashion-mnist": (1, 28), "cifar10": (3, 32)}  # channels, side
+
+
+def _config_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(channels, image side) the data will have, from the config alone."""
+    if cfg.dataset == "synthetic":
+        return cfg.synthetic.channels, cfg.synthetic.image_size
+    if cfg.dataset == "imagefolder":
+        return cfg.channels or 3, cfg.image_size or 32
+    return KNOWN_SHAPE[cfg.dataset]
+
+
+def imagefolder_classes(split_dir: Path) -> list[str]:
+    """The classes torchvision's ImageFolder finds in a split folder: its sub-folders, sorted."""
+    try:
+        return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    except OSError:
+        return []
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """The files ImageFolder takes as images of a class (walked like its make_dataset)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    found = []
+    for folder, _, names in sorted(os.walk(class_dir, followlinks=True)):
+        found += [Path(folder) / n for n in sorted(names) if has_file_allowed_extension(n, IMG_EXTENSIONS)]
+    return found
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why PIL cannot open and verify an image file, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Exception as err:  # noqa: BLE001 - a damaged file makes PIL raise many kinds
+        first = (str(err).strip().splitlines() or [""])[0]
+        return f"{type(err).__name__}: {first[:80]}" if first else type(err).__name__
+    return None
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    return ", ".join(map(str, items[:limit])) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def scan_imagefolder(cfg: DataConfig) -> list[tuple[str, str]]:
+    """Check an image folder as a run would read it, before any training: train/ and test/ hold
+    the same classes, no class is empty, every image opens and verifies with PIL (all of them:
+    this takes a while on big folders), `class_names` names every class. Returns problems as
+    (key path, message) pairs."""
+    root = Path(cfg.root)  # type: ignore[arg-type]
+    problems: list[tuple[str, str]] = []
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            problems.append(("data.root", f"{folder} is not a directory (expected {root}/train/<class>/*.png "
+                                          f"and {root}/test/<class>/*.png)"))
+            continue
+        classes[split] = imagefolder_classes(folder)
+        if not classes[split]:
+            problems.append(("data.root", f"{folder} has no class folders (expected {folder}/<class>/*.png)"))
+    train, test = classes.get("train", []), classes.get("test", [])
+    if train and test:
+        for have, lack, names in (("train", "test", sorted(set(train) - set(test))),
+                                  ("test", "train", sorted(set(test) - set(train)))):
+            if names:
+                problems.append(("data.root", f"class{'es' if len(names) > 1 else ''} {_some(names)} in "
+                                              f"{root / have} but not in {root / lack} (both need the same classes)"))
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    bad: list[str] = []
+    for split, names in classes.items():
+        for name in names:
+            files = _image_files(root / split / name)
+            if not files:
+                problems.append(("data.root", f"{root / split / name} has no images ({', '.join(IMG_EXTENSIONS)})"))
+            for f in files:
+                why = _unreadable(f)
+                if why:
+                    bad.append(f"{f.relative_to(root)} ({why})")
+    if bad:
+        problems.append(("data.root", f"{len(bad)} unreadable image{'s' if len(bad) > 1 else ''} in {root}: "
+                                      f"{_some(bad, 3)}"))
+    if cfg.class_names is not None and train and len(cfg.class_names) != len(train):
+        problems.append(("data.class_names", f"{len(cfg.class_names)} names but {root / 'train'} has "
+                                             f"{len(train)} classes ({_some(train)})"))
+    return problems
+
+
+def check_data(cfg: DataConfig) -> list[tuple[str, str]]:
+    """Every check of the data `load_data` would fail on, from the config and the files, before
+    anything is trained: the dataset is there (an image folder is scanned whole, see
+    `scan_imagefolder`), `mean` / `std` have one value per channel, `class_names` one name per
+    class. Returns problems as (key path, message) pairs."""
+    problems: list[tuple[str, str]] = []
+    if cfg.dataset == "imagefolder":
+        problems += scan_imagefolder(cfg)
+    else:
+        msg = check_data_available(cfg)
+        if msg:
+            problems.append(("data", msg))
+    channels, _ = _config_shape(cfg)
+    why = {"imagefolder": f"data.channels is {channels}", "synthetic": "data.synthetic.channels",
+           "fashion-mnist": "Fashion-MNIST is grayscale", "cifar10": "CIFAR-10 is RGB"}[cfg.dataset]
+    for key, values in (("mean", cfg.mean), ("std", cfg.std)):
+        if values is not None and len(values) != channels:
+            problems.append((f"data.{key}", f"{len(values)} value{'s' if len(values) > 1 else ''} but the images "
+                                            f"have {channels} channel{'s' if channels > 1 else ''} ({why})"))
+    known = _config_class_names(cfg) if cfg.dataset != "imagefolder" else None
+    if cfg.class_names is not None and known is not None and len(cfg.class_names) != len(known):
+        problems.append(("data.class_names", f"{len(cfg.class_names)} names but the dataset has {len(known)} classes"))
+    return problems
+
+
+def _config_class_names(cfg: DataConfig) -> list[str] | None:
+    """The dataset's own class names, from the config (and an image folder's train/ sub-folders)."""
+    if cfg.dataset == "synthetic":
+        return [f"class_{i}" for i in range(cfg.synthetic.num_classes)]
+    if cfg.dataset == "imagefolder":
+        return imagefolder_classes(Path(cfg.root) / "train") or None  # type: ignore[arg-type]
+    return list(KNOWN_CLASSES[cfg.dataset])
+
+
+def config_preprocess(cfg: DataConfig) -> dict:
+    """What `load_data(cfg).checkpoint_preprocess()` will be, from the config (and an image
+    folder's class folders) without reading any image: for checks before a run. `class_names`
+    is None when an image folder has no classes to read."""
+    channels, side = _config_shape(cfg)
+    names = _config_class_names(cfg)
+    if cfg.class_names is not None and (names is None or len(cfg.class_names) == len(names)):
+        names = list(cfg.class_names)
+    mean, std = _normalisation(cfg, channels)
+    return _preprocess(mean, std, channels, (side, side)) | {"class_names": names}
+
+
+def write_eval_npz(data_cfg: DataConfig, path: str | os.PathLike, split: str = "test", limit: int | None = None,
+                   seed: int = 0) -> dict:
+    """Write a split as ``.npz`` for ``compresskit bench --data`` (and ``bundle --samples-from``):
+    ``x`` float32 (N, C, H, W) preprocessed exactly as the pipeline feeds its models
+    ((pixel * scale - mean) / std, what the exported models record as ``compresskit.preprocess``)
+    and ``y`` int64 labels. ``limit``: the first N samples of the split (the split's own order;
+    `load_data` with ``seed`` carves val/calib). Written atomically. Returns the path, sample
+    count, x's shape, the split and the preprocessing."""
+    from compresskit.artifacts import atomic_path
+
+    if split not in ("train", "val", "test", "calib"):
+        raise ValueError(f"split must be one of train, val, test, calib; got {split!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    data = load_data(data_cfg, seed)
+    x, y = data.numpy_split(split, limit)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False))
+    return {"path": path, "n": int(len(y)), "shape": list(x.shape), "split": split, "preprocess": data.preprocess()}

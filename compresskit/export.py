@@ -212,7 +212,10 @@ def parity_check(
 ) -> dict:
     """Compare the model's eval outputs with onnxruntime's on ``inputs`` (N, ...).
 
-    Returns ``{"n", "max_abs_diff", "mean_abs_diff", "top1_agreement"}``. For an INT8 model
+    Returns ``{"n", "max_abs_diff", "mean_abs_diff", "max_rel_diff", "max_abs_logit",
+    "top1_agreement"}``: ``max_abs_logit`` is the largest |logit| of the model on ``inputs`` and
+    ``max_rel_diff = max_abs_diff / max_abs_logit`` (rounding error grows with the logits' scale,
+    so this is the figure to judge an FP32 export by; see `parity_problem`). For an INT8 model
     against its float source the differences are quantization error; the top-1 agreement is
     the figure that matters there.
     """
@@ -227,14 +230,16 @@ def parity_check(
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = _single_input(sess, tuple(inputs.shape[1:]), onnx_path)
     device = _model_device(model)
-    max_diff, sum_diff, count, agree = 0.0, 0.0, 0, 0
+    max_diff, sum_diff, count, agree, scale = 0.0, 0.0, 0, 0, 0.0
     with _inference_view(model) as m, torch.no_grad():
         for start in range(0, inputs.shape[0], batch_size):
             xb = inputs[start : start + batch_size].to(torch.float32)
             ref = m(xb.to(device)).float().cpu().numpy()
             got = sess.run(None, {name: xb.cpu().numpy()})[0]
             diff = np.abs(ref - got)
-            max_diff = max(max_diff, float(diff.max()))
+            # np.max propagates NaN; keep it (Python's max(0.0, nan) would drop it)
+            max_diff = float(np.max([max_diff, diff.max()]))
+            scale = float(np.max([scale, np.abs(ref).max()]))
             sum_diff += float(diff.sum(dtype=np.float64))
             count += diff.size
             if ref.ndim >= 2:
@@ -244,8 +249,60 @@ def parity_check(
         "n": n,
         "max_abs_diff": max_diff,
         "mean_abs_diff": sum_diff / max(count, 1),
+        "max_rel_diff": max_diff / scale if scale > 0 else (0.0 if max_diff == 0 else math.inf),
+        "max_abs_logit": scale,
         "top1_agreement": agree / n,
     }
+
+
+def parity_problem(figures: Mapping, *, max_abs_diff: float | None = 1e-3, max_rel_diff: float = 1e-4,
+                   min_top1_agreement: float = 0.99) -> str | None:
+    """Why an FP32 export fails its parity check (`parity_check`'s ``figures``), or None.
+
+    Fails when the largest |logit difference| is above ``max_rel_diff`` times the largest
+    |logit| (float32 rounding error is relative: a model with logits ~4e4 differs by ~1e-2 on
+    rounding alone) and also above the absolute floor ``max_abs_diff`` (None: no floor; a
+    difference up to the floor always passes, which keeps near-zero logits from failing on
+    relative noise); or when fewer than ``min_top1_agreement`` of the images get the same top-1
+    class from both.
+    """
+    diff, rel = figures["max_abs_diff"], figures["max_rel_diff"]
+    if not (math.isfinite(diff) and math.isfinite(rel)) or (
+            rel > max_rel_diff and (max_abs_diff is None or diff > max_abs_diff)):
+        floor = "" if max_abs_diff is None else f" and > export.max_abs_diff={max_abs_diff:g}"
+        return (f"max |logit difference| {diff:.2e} is {rel:.2e} of the max |logit| "
+                f"{figures['max_abs_logit']:.3g} > export.max_rel_diff={max_rel_diff:g}{floor}")
+    if figures["top1_agreement"] < min_top1_agreement:
+        return (f"top-1 class agrees on {figures['top1_agreement']:.2%} of {figures['n']} images "
+                f"< export.min_top1_agreement={min_top1_agreement:g}")
+    return None
+
+
+@torch.no_grad()
+def logit_stats(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = 64) -> dict:
+    """``{"max_abs_logit", "finite"}`` of the model's eval-mode logits on ``inputs``."""
+    device, scale, finite = _model_device(model), 0.0, True
+    with _inference_view(model) as m:
+        for start in range(0, inputs.shape[0], batch_size):
+            out = m(inputs[start : start + batch_size].to(device, torch.float32)).float()
+            ok = torch.isfinite(out)
+            finite = finite and bool(ok.all())
+            if ok.any():
+                scale = max(scale, float(out[ok].abs().max()))
+    return {"max_abs_logit": scale, "finite": finite}
+
+
+def divergence_problem(stats: Mapping, max_abs_logit: float | None = 1e3) -> str | None:
+    """Why a model looks diverged (`logit_stats`'s ``stats``), or None: logits that are not
+    finite, or larger in magnitude than ``max_abs_logit`` (None: no bound). Softmax is already
+    one-hot in float32 at logit gaps of ~100 and a cross-entropy-trained classifier has no reason
+    to go far beyond; logits of 1e3 and more are the mark of training that blew up."""
+    if not stats["finite"]:
+        return "its logits are not finite (NaN or inf)"
+    if max_abs_logit is not None and stats["max_abs_logit"] > max_abs_logit:
+        return (f"its max |logit| {stats['max_abs_logit']:.3g} is above export.max_abs_logit={max_abs_logit:g} "
+                "(trained classifiers stay far below)")
+    return None
 
 
 def _single_input(sess, sample_shape: tuple[int, ...], path: Path) -> str:
@@ -391,6 +448,10 @@ def run(ctx, job):
             continue
         model, _ = load_model(src)
         model.eval()
+        diverged = divergence_problem(logit_stats(model, x), cfg.max_abs_logit)
+        if diverged is not None:
+            raise StageError(f"export: the {name} model looks diverged on {len(x)} test images, not exported: "
+                             f"{diverged}; retrain it (lower lr, grad_clip) or check its checkpoint")
         path = ctx.dir / f"{name}.onnx"
         if name == "qat":
             qat.export_qat_onnx(model, path, example, opset=cfg.opset, metadata=meta)
@@ -398,9 +459,11 @@ def run(ctx, job):
             export_onnx(model, path, example, opset=cfg.opset, metadata=meta)
             float_models[name] = model
         parity[name] = parity_check(model, path, x)
-        if name != "qat" and parity[name]["max_abs_diff"] > cfg.max_abs_diff:
-            raise StageError(f"export: {name}.onnx differs from PyTorch by {parity[name]['max_abs_diff']:.2e} "
-                             f"> export.max_abs_diff={cfg.max_abs_diff}")
+        problem = None if name == "qat" else parity_problem(
+            parity[name], max_abs_diff=cfg.max_abs_diff, max_rel_diff=cfg.max_rel_diff,
+            min_top1_agreement=cfg.min_top1_agreement)
+        if problem is not None:
+            raise StageError(f"export: {name}.onnx does not match its PyTorch model: {problem}")
         outputs[name] = path
     if "ptq" in ctx.inputs:
         path = ctx.dir / "ptq.onnx"
@@ -412,6 +475,10 @@ def run(ctx, job):
     if cfg.ort_format:
         for name in list(outputs):
             outputs[f"{name}_ort"] = export_ort_format(outputs[name], ctx.dir)
-    worst = max((p["max_abs_diff"] for n, p in parity.items() if n in float_models), default=0.0)
+    fp32 = [p for n, p in parity.items() if n in float_models]
+    worst = max((p["max_abs_diff"] for p in fp32), default=0.0)
+    worst_rel = max((p["max_rel_diff"] for p in fp32), default=0.0)
+    agree = min((p["top1_agreement"] for p in fp32), default=1.0)
     count = len([o for o in outputs if not o.endswith("_ort")])
-    return StageResult(outputs, {"parity": parity}, f"{count} ONNX models, FP32 max |diff| {worst:.1e}")
+    return StageResult(outputs, {"parity": parity}, f"{count} ONNX models, FP32 max |diff| {worst:.1e} "
+                       f"(rel {worst_rel:.1e}), top-1 agreement >= {agree:.1%}")

@@ -11,16 +11,20 @@ Architectures:
   configurable head width.
 - `mobilenetv3`: torchvision's MobileNetV3 small/large, adapted to the input channels and stem stride.
 - `torchvision`: any torchvision classifier by name.
-- `custom`: a user's `module:callable`.
+- `custom`: a user's `module:callable`, looked for in the spec's `search_path` (the pipeline
+  file's folder), on PYTHONPATH and in the current directory.
+
+`fold_input_affine` adapts a trained model to another input normalisation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -186,17 +190,123 @@ def adapt_stem(model: nn.Module, in_channels: int, stem_stride: int | None = Non
     return model
 
 
-def load_callable(target: str) -> Callable[..., Any]:
-    """Resolve 'package.module:callable'; a clear ValueError when it does not resolve."""
+def fold_input_affine(model: nn.Module, scale: Sequence[float], shift: Sequence[float],
+                      example_input: torch.Tensor) -> tuple[str, bool]:
+    """Make `model(x)` compute what it computed on ``scale * x + shift`` (per input channel), by
+    folding that map into the convolution the input goes straight into: its weights are scaled
+    per input channel and the shift goes into its bias (or, without one, into the running mean of
+    the BatchNorm right after it). Used to adapt a model trained under another normalisation:
+    x_old = (x_new * std_new + mean_new - mean_old) / std_old is such a map.
+
+    Returns (the convolution's module path, exact): the result is exact unless the convolution
+    zero-pads, in which case border positions differ slightly (a zero pad in the new input is
+    not the old input's zero). A ValueError says when the input does not go straight into a
+    Conv2d, or the shift has nowhere to go; the model is then unchanged."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: dict[str, Any] = {}
+
+    def conv_pre(module: nn.Module, args: tuple) -> None:
+        seen.setdefault("conv", (module, bool(args) and args[0] is example_input))
+
+    def conv_post(module: nn.Module, args: tuple, out: Any) -> None:
+        if seen["conv"][0] is module:
+            seen.setdefault("out", out)
+
+    def bn_pre(module: nn.Module, args: tuple) -> None:
+        if "out" in seen:
+            seen.setdefault("bn", (module, bool(args) and args[0] is seen["out"]))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles += [m.register_forward_pre_hook(conv_pre), m.register_forward_hook(conv_post)]
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_pre))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    except Exception as err:  # noqa: BLE001 - any model
+        raise ValueError(f"cannot run the model on a {tuple(example_input.shape)} input: {type(err).__name__}: "
+                         + (str(err).strip().splitlines() or [""])[0]) from None
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if "conv" not in seen or not seen["conv"][1]:
+        raise ValueError("the model's input does not go straight into a convolution, so its normalisation "
+                         "cannot be folded into one")
+    conv: nn.Conv2d = seen["conv"][0]
+    if len(scale) != conv.in_channels or len(shift) != conv.in_channels:
+        raise ValueError(f"{len(scale)} channel(s) to convert but the first convolution takes {conv.in_channels}")
+    bn = seen.get("bn")
+    if conv.bias is None and not (bn is not None and bn[1] and bn[0].running_mean is not None):
+        raise ValueError(f"the first convolution {names[conv]!r} has no bias and no BatchNorm right after it "
+                         "to take the shift of the mean")
+    with torch.no_grad():
+        weight = conv.weight  # (out, in / groups, kh, kw)
+        out_ch, in_per_group = weight.shape[:2]
+        group = torch.arange(out_ch).div(out_ch // conv.groups, rounding_mode="floor")
+        channel = group[:, None] * in_per_group + torch.arange(in_per_group)[None, :]  # input channel of each (out, in)
+        a = torch.tensor(list(scale), dtype=weight.dtype)[channel][..., None, None]
+        b = torch.tensor(list(shift), dtype=weight.dtype)[channel][..., None, None]
+        delta = (weight * b).sum(dim=(1, 2, 3))  # W x_old = (W a) x_new + W b
+        weight.mul_(a)
+        if conv.bias is not None:
+            conv.bias.add_(delta.to(conv.bias.dtype))
+        else:
+            bn[0].running_mean.sub_(delta.to(bn[0].running_mean.dtype))
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    exact = conv.padding_mode != "zeros" or padding == "valid" or (not isinstance(padding, str) and not any(padding))
+    return names[conv] or "(model)", exact
+
+
+@contextlib.contextmanager
+def _import_path(folders: Sequence[str | os.PathLike]) -> Iterator[list[str]]:
+    """sys.path with `folders` first and the current directory last (as with ``python -m``),
+    for the time of the block only; yields the folders searched before sys.path's own."""
+    front = []
+    for folder in folders:
+        entry = os.path.abspath(os.fspath(folder))
+        if os.path.isdir(entry) and entry not in front:
+            front.append(entry)
+    cwd = os.getcwd()
+    back = [] if cwd in sys.path or "" in sys.path else [cwd]
+    sys.path[:0] = front
+    sys.path.extend(back)
+    importlib.invalidate_caches()
+    try:
+        yield front
+    finally:
+        for entry in front:
+            if entry in sys.path:
+                sys.path.remove(entry)
+        for entry in back:
+            if entry in sys.path:  # the last occurrence: the one added here
+                del sys.path[len(sys.path) - 1 - sys.path[::-1].index(entry)]
+
+
+def load_callable(target: str, search_path: Sequence[str | os.PathLike] = ()) -> Callable[..., Any]:
+    """Resolve 'package.module:callable'; a clear one-line ValueError when it does not resolve.
+
+    The module is looked for in `search_path` (the pipeline file's folder, see
+    `compresskit.config.CustomSpec.search_path`), then on sys.path (PYTHONPATH, installed
+    packages), then in the current directory."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected 'module:callable', got {target!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # user modules next to the pipeline file, as with python -m
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for {target!r}: {err}") from err
+    with _import_path(search_path) as front:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+                where = ", ".join([*front, "PYTHONPATH", "the current directory"])
+                raise ValueError(f"cannot import module {module_name!r} for {target!r}: not found in {where}") from None
+            raise ValueError(f"importing {module_name!r} for {target!r} failed: {err}") from None
+        except Exception as err:  # noqa: BLE001 - the user's module may raise anything while importing
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(f"importing {module_name!r} for {target!r} failed: "
+                             f"{type(err).__name__}: {first}") from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -247,9 +357,15 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         model = tvm.get_model(name, weights=None, num_classes=num_classes, **spec.get("kwargs", {}))
         return adapt_stem(model, in_channels, spec.get("stem_stride"))
     if arch == "custom":
-        fn = load_callable(spec["factory"])
-        model = _call_with_supported(fn, dict(spec.get("kwargs", {})),
-                                     num_classes=num_classes, in_channels=in_channels)
+        search_path = spec.get("search_path") or ()
+        fn = load_callable(spec["factory"], search_path)
+        with _import_path(search_path):  # imports the factory makes when called
+            try:
+                model = _call_with_supported(fn, dict(spec.get("kwargs", {})),
+                                             num_classes=num_classes, in_channels=in_channels)
+            except Exception as err:  # noqa: BLE001 - the user's code may raise anything
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise ValueError(f"{spec['factory']!r} failed: {type(err).__name__}: {first}") from None
         if not isinstance(model, nn.Module):
             raise ValueError(f"{spec['factory']!r} returned {type(model).__name__}, not an nn.Module")
         return model

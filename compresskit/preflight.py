@@ -1,5 +1,6 @@
 """Checks of everything outside the config that can be checked before a run writes anything:
-the device, the data, checkpoint files, model factories, feature-tap module paths and the shape
+the device, the data (an image folder is scanned whole), checkpoint files (read and matched to
+their architecture and to the data), model factories, feature-tap module paths and the shape
 pairings of every loss term (one dry forward on the untrained models). `validate` and `run` call
 :func:`preflight`; a problem is a `ConfigError` of (key path, message) pairs, exit code 2.
 """
@@ -14,7 +15,7 @@ from compresskit.config import ConfigError, PipelineConfig
 
 def preflight(cfg: PipelineConfig) -> None:
     """Check inputs that exist outside the config (files, data, module paths) before writing."""
-    from compresskit.data import check_data_available
+    from compresskit.data import check_data
 
     problems: list[tuple[str, str]] = []
     if cfg.device == "cuda":
@@ -22,16 +23,49 @@ def preflight(cfg: PipelineConfig) -> None:
 
         if not torch.cuda.is_available():
             problems.append(("device", "cuda was asked for but CUDA is not available here (use auto or cpu)"))
-    msg = check_data_available(cfg.data)
-    if msg:
-        problems.append(("data", msg))
-    ckpt = cfg.teacher.checkpoint
-    if ckpt is not None and not Path(ckpt).is_file():
-        problems.append(("teacher.checkpoint", f"file not found: {ckpt}"))
+    data_problems = check_data(cfg.data)
+    problems += data_problems
+    problems += _check_checkpoints(cfg, match_data=not data_problems)
     if not problems:
         problems += _check_models(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _check_checkpoints(cfg: PipelineConfig, *, match_data: bool) -> list[tuple[str, str]]:
+    """Open every checkpoint the teacher stage would load (weights_only) and, when the data is
+    fine (`match_data`), match it as that stage does (`compresskit.checkpoint.load_for_data`) to
+    its architecture (strict load after prefix stripping) and to the data (classes, channels,
+    recorded preprocessing under `teacher.preprocess_mismatch`)."""
+    from compresskit.checkpoint import load_for_data, read_checkpoint
+    from compresskit.data import config_preprocess
+
+    t = cfg.teacher
+    wanted = config_preprocess(cfg.data) if match_data else None
+    if wanted is not None and not wanted["class_names"]:
+        wanted = None
+    items = [("teacher.checkpoint", t.checkpoint, t.model)]
+    items += [(f"teacher.ensemble.{i}.checkpoint", m.checkpoint, m.model or t.model) for i, m in enumerate(t.ensemble)]
+    problems: list[tuple[str, str]] = []
+    for where, path, arch in items:
+        if path is None:
+            continue
+        if not Path(path).exists():
+            problems.append((where, f"file not found: {path}"))
+            continue
+        try:
+            if wanted is None:
+                read_checkpoint(path)
+            else:
+                spec = arch.model_dump(mode="json") | {"num_classes": len(wanted["class_names"]),
+                                                       "in_channels": wanted["channels"]}
+                load_for_data(Path(path), spec, wanted, t.preprocess_mismatch)
+        except (ValueError, OSError) as err:
+            problems.append((where, str(err)))
+        except Exception as err:  # noqa: BLE001 - a user's architecture code may raise anything
+            first = (str(err).strip().splitlines() or [""])[0]
+            problems.append((where, f"{path}: cannot load: {type(err).__name__}: {first}"))
+    return problems
 
 
 def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
@@ -91,6 +125,15 @@ def _check_models(cfg: PipelineConfig) -> list[tuple[str, str]]:
             for path in paths:
                 if path not in names:
                     problems.append(("prune.pruner.ignored_layers", f"no module {path!r} in the student model"))
+            if cfg.prune.pruner.method == "structured" and not any(k.startswith("prune.") for k, _ in problems):
+                import torch
+
+                from compresskit.prune import check_prunable
+
+                # Torch-Pruning's dependency graph of the untrained student, as the prune stage builds it
+                example = torch.zeros(1, channels, size, size)
+                problems += [("prune.pruner", msg)
+                             for msg in check_prunable(built[student], example, cfg.prune.pruner.ignored_layers)]
     return problems
 
 
@@ -123,12 +166,9 @@ def _dry_run_objectives(cfg: PipelineConfig, built: dict, student, loss_lists, s
 
 
 def _shape_hint(cfg: PipelineConfig) -> tuple[int, int, int]:
-    """(channels, classes, image side) the data will have, from the config alone."""
-    d = cfg.data
-    if d.dataset == "synthetic":
-        return d.synthetic.channels, d.synthetic.num_classes, d.synthetic.image_size
-    if d.dataset == "fashion-mnist":
-        return 1, 10, 28
-    if d.dataset == "cifar10":
-        return 3, 10, 32
-    return d.channels or 3, len(d.class_names) if d.class_names else 2, d.image_size or 32
+    """(channels, classes, image side) the data will have, from the config (and an image
+    folder's class folders)."""
+    from compresskit.data import config_preprocess
+
+    pre = config_preprocess(cfg.data)
+    return pre["channels"], len(pre["class_names"] or ()) or 2, pre["size"][0]

@@ -33,7 +33,11 @@ from compresskit.artifacts import RunLayout, config_hash
 
 
 class StageError(Exception):
-    """A stage failed for a reason the user can act on (printed as one line)."""
+    """A stage failed for a reason the user can act on (printed as one line, exit code 1)."""
+
+
+class InputError(Exception):
+    """The user's input (data, files named in the config) is unusable: one line, exit code 2."""
 
 
 class Job(BaseModel):

@@ -6,8 +6,9 @@ logits and whose own parameters, e.g. feature adapters, are trained too; or a pl
 such as ``F.cross_entropy``), a train loader and a val loader (any iterables of batches, e.g.
 a DataLoader) and the settings of a TrainConfig. `fit` keeps the weights with the best
 validation accuracy, saves a resume file after every epoch and picks up from it when the same
-stage is re-run after an interruption. `loaders_for(data, cfg, ...)` makes the loaders the
-pipeline uses from a DataBundle.
+stage is re-run after an interruption, and stops with `TrainingDiverged` when training is not
+healthy (`health_problem`: a non-finite or exploding loss, or accuracy stuck at chance).
+`loaders_for(data, cfg, ...)` makes the loaders the pipeline uses from a DataBundle.
 """
 
 from __future__ import annotations
@@ -28,6 +29,61 @@ from compresskit.config import TrainConfig
 
 if TYPE_CHECKING:
     from compresskit.data import BatchLoader, DataBundle
+
+
+class TrainingDiverged(RuntimeError, FloatingPointError):
+    """Training diverged (a non-finite or exploding loss) or collapsed (accuracy at chance while
+    the loss does not fall). The message names the run (`fit`'s `desc`) and what to try. A
+    RuntimeError, so the pipeline reports it as a one-line stage error; a FloatingPointError
+    too, as the non-finite-loss error always was."""
+
+
+HEALTH_ADVICE = ("try a lower train.lr, a train.grad_clip (e.g. 1.0), or check the data normalisation "
+                 "(data.mean / data.std: inputs should be about zero-mean, unit-variance)")
+
+
+def health_problem(history: list[dict[str, Any]], *, initial_loss: float | None, num_classes: int | None,
+                   max_loss_growth: float | None = 100.0, chance_epochs: int | None = 3,
+                   chance_margin: float = 0.02) -> str | None:
+    """What is wrong with a training run after its latest epoch (`history`: `fit`'s per-epoch
+    records, oldest first), as a phrase; None while it looks healthy.
+
+    Exploding: the latest epoch's mean train loss is above `max_loss_growth` times the reference
+    ``max(initial_loss, ln(num_classes))``: the loss of the first batch trained on, or, when that
+    is smaller (fine-tuning a trained model starts near zero), the cross-entropy of a uniform
+    guess. A healthy run ends far below its start; a loss 100x above it has blown up, even if it
+    is still finite.
+
+    Collapsed: for the `chance_epochs` epochs after the first (so at least ``chance_epochs + 1``
+    epochs: short runs never trip) the accuracy (val, else train) stayed at or below
+    ``1/num_classes + chance_margin`` and the train loss fell by less than 1% over them. A run
+    that is learning, even slowly, lowers its loss; one that sits at chance with a flat loss is
+    not going anywhere. None disables either check.
+    """
+    if not history:
+        return None
+    last = history[-1]
+    loss = last["train_loss"]
+    if max_loss_growth is not None:
+        ref = max(initial_loss if initial_loss is not None else history[0]["train_loss"],
+                  math.log(num_classes) if num_classes and num_classes > 1 else 0.0)
+        if ref > 0 and loss > max_loss_growth * ref:
+            return (f"training diverged in epoch {last['epoch']}: its mean train loss {loss:.3g} is "
+                    f"{loss / ref:.3g}x its start ({ref:.3g}), above train.max_loss_growth={max_loss_growth:g}")
+    if chance_epochs is not None and num_classes and num_classes > 1 and len(history) > chance_epochs:
+        window = history[-chance_epochs:]
+        before = history[-chance_epochs - 1]["train_loss"]
+        key = "val_accuracy" if all(h.get("val_accuracy") is not None for h in window) else "train_accuracy"
+        chance = 1.0 / num_classes
+        at_chance = all(h[key] <= chance + chance_margin for h in window)
+        if at_chance and loss >= before - 0.01 * abs(before):
+            what = "val" if key == "val_accuracy" else "train"
+            accs = ", ".join(f"{h[key]:.1%}" for h in window)
+            return (f"training collapsed: {what} accuracy stayed at chance (1/{num_classes} = {chance:.1%}, "
+                    f"+ train.chance_margin={chance_margin:g}) in epochs {window[0]['epoch']}-{last['epoch']} "
+                    f"({accs}) while the train loss did not fall ({before:.3g} -> {loss:.3g}); "
+                    "train.chance_epochs: null turns this check off")
+    return None
 
 
 @dataclass
@@ -250,7 +306,13 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
     reseeds torch first (None: leave the RNG alone).
 
     Without `val_loader` there is no selection: the last epoch's weights are kept and
-    `best_val_accuracy` is None. A non-finite loss raises FloatingPointError.
+    `best_val_accuracy` is None.
+
+    Health: a non-finite loss raises `TrainingDiverged` at once; after every epoch
+    `health_problem` judges the history (an exploding loss, `cfg.max_loss_growth`; accuracy
+    stuck at chance with a flat loss, `cfg.chance_epochs` / `cfg.chance_margin`) and a problem
+    raises `TrainingDiverged` naming `desc` and what to try, before that epoch is saved for
+    resuming (a re-run with the same settings starts again from the last healthy epoch).
 
     Resume: with `resume_file`, the state after every epoch (model, objective, optimizer,
     scheduler, torch's CPU RNG and the train loader's generator, see `loader_generator`) is
@@ -297,6 +359,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
     best_epoch, best_state = -1, None
     history: list[dict[str, Any]] = []
     start_epoch, resumed = 0, None
+    initial_loss: float | None = None  # the first batch's loss: the reference for an exploding loss
+    num_classes: int | None = None
     if resume_file is not None and resume_file.is_file():
         state = torch.load(resume_file, map_location="cpu", weights_only=True)
         if state.get("key") == resume_key:
@@ -310,6 +374,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
             torch.set_rng_state(state["torch_rng"])
             best_acc, best_epoch, best_state = state["best_acc"], state["best_epoch"], state["best_state"]
             history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
+            initial_loss = state.get("initial_loss")
             resumed = start_epoch
             if log:
                 log(f"{desc}: resuming after epoch {start_epoch}")
@@ -344,8 +409,8 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
                                     f"{type(out).__name__}, not an object with .loss and .logits "
                                     "(a criterion module must subclass nn.modules.loss._Loss)")
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}; "
-                                             "lower the learning rate")
+                    raise TrainingDiverged(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}; "
+                                           f"{HEALTH_ADVICE}")
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -362,6 +427,9 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
                 if sched is not None:
                     sched.step()
                 loss_sum += loss.item() * len(y)
+                if initial_loss is None:
+                    initial_loss = loss.item()
+                num_classes = out.logits.shape[-1]
                 correct += (out.logits.detach().argmax(1) == y).sum().item()
                 count += len(y)
                 progress.update(b_task, advance=1, info=f"loss {loss_sum / count:.3f}")
@@ -386,6 +454,11 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
             if log:
                 log(f"{desc} epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f} "
                     f"{val_info} ({record['images_per_s']:.0f} img/s)")
+            problem = health_problem(history, initial_loss=initial_loss, num_classes=num_classes,
+                                     max_loss_growth=cfg.max_loss_growth, chance_epochs=cfg.chance_epochs,
+                                     chance_margin=cfg.chance_margin)
+            if problem is not None:
+                raise TrainingDiverged(f"{desc}: {problem}; {HEALTH_ADVICE}")
             if resume_file is not None:
                 with atomic_path(resume_file) as tmp:
                     torch.save({"key": resume_key, "epoch": epoch, "model": model.state_dict(),
@@ -394,7 +467,7 @@ def fit(model: nn.Module, loss_fn: Callable[..., Any], train_loader: Iterable[An
                                 "rng": gen.get_state() if gen is not None else None,
                                 "torch_rng": torch.get_rng_state(), "best_acc": best_acc,
                                 "best_epoch": best_epoch, "best_state": best_state,
-                                "history": history}, tmp)
+                                "history": history, "initial_loss": initial_loss}, tmp)
     if best_state is not None:
         model.load_state_dict(best_state)
     elif val_loader is not None:  # no epochs: the selection score is the current model's

@@ -7,5 +7,5 @@ source scripts/_venv.sh
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d data/fashion-mnist ]; then
     apt_install dataset-fashion-mnist
 fi
-ensure_venv "."
+ensure_venv ".[train]"
 .venv/bin/compresskit run pipelines/mobilenet_edge.yaml "$@"

@@ -171,3 +171,55 @@ def test_render_verdict():
     assert "91.30%" in text and "1.200 MiB" in text
     empty = budget.render_verdict(budget.select_and_verdict(ROWS, CANDIDATES, {}, None))
     assert "(no budgets set)" in empty
+
+
+# ------------------------------------------------------------------ choice under latency noise
+
+
+def _ci_row(name, accuracy, p50, ci, size_mib=0.4):
+    row = _row(name, accuracy, p50, size_mib)
+    row["latency"][0]["ci95_ms"] = list(ci) if ci is not None else None
+    return row
+
+
+def test_latencies_within_the_ci_are_ranked_by_accuracy():
+    rows = [_ci_row("ptq", 0.910, 1.00, (0.97, 1.03)), _ci_row("qat", 0.914, 1.02, (0.99, 1.05)),
+            _ci_row("pruned", 0.916, 1.40, (1.35, 1.45), size_mib=1.0)]
+    verdict = budget.select_and_verdict(rows, ["qat", "ptq", "pruned"], {"min_accuracy": 0.9}, None)
+    assert verdict["passed"] and verdict["model"] == "qat"  # as fast as ptq within the noise, more accurate
+    assert verdict["latency_ties"] == ["qat", "ptq"]  # pruned is slower beyond its interval: not tied
+    assert "'qat' is the most accurate of 2 candidate(s) equally fast within the noise" in verdict["reason"]
+    assert "ranked by accuracy, then file size" in verdict["reason"]
+    assert "ptq p50 1.000 ms, 95% CI 0.970-1.030; qat p50 1.020 ms" in verdict["reason"]
+
+
+def test_choice_is_stable_when_noise_swaps_the_order():
+    """The two INT8 models swap places between runs by noise: the deployed model does not."""
+    for ptq_p50, qat_p50 in ((1.00, 1.02), (1.02, 1.00), (1.01, 1.01)):
+        rows = [_ci_row("ptq", 0.910, ptq_p50, (ptq_p50 - 0.03, ptq_p50 + 0.03)),
+                _ci_row("qat", 0.914, qat_p50, (qat_p50 - 0.03, qat_p50 + 0.03))]
+        assert budget.select_and_verdict(rows, ["ptq", "qat"], {}, None)["model"] == "qat"
+
+
+def test_ties_then_size_and_clear_differences_by_speed():
+    rows = [_ci_row("ptq", 0.91, 1.00, (0.97, 1.03), size_mib=0.5),
+            _ci_row("qat", 0.91, 1.01, (0.98, 1.04), size_mib=0.3)]
+    assert budget.select_and_verdict(rows, ["ptq", "qat"], {}, None)["model"] == "qat"  # same accuracy: smaller
+    rows[1] = _ci_row("qat", 0.99, 1.20, (1.15, 1.25))
+    verdict = budget.select_and_verdict(rows, ["ptq", "qat"], {}, None)
+    assert verdict["model"] == "ptq" and verdict["latency_ties"] == []
+    assert "'ptq' is the fastest of 2" in verdict["reason"] and "no other's 95% CI overlaps it" in verdict["reason"]
+    # without intervals (fewer than 8 runs) only exactly equal medians tie
+    rows = [_ci_row("ptq", 0.91, 1.00, None), _ci_row("qat", 0.92, 1.001, None)]
+    assert budget.select_and_verdict(rows, ["ptq", "qat"], {}, None)["model"] == "ptq"
+    rows[1] = _ci_row("qat", 0.92, 1.00, None)
+    assert budget.select_and_verdict(rows, ["ptq", "qat"], {}, None)["model"] == "qat"
+
+
+def test_budget_checks_only_among_passing_and_name_the_drop_reference():
+    rows = [_ci_row("student", 0.92, 2.0, (1.9, 2.1), size_mib=1.0), _ci_row("ptq", 0.915, 1.0, (0.9, 1.1)),
+            _ci_row("qat", 0.89, 1.0, (0.9, 1.1))]
+    verdict = budget.select_and_verdict(rows, ["ptq", "qat"], {"max_accuracy_drop": 0.01}, "student")
+    assert verdict["model"] == "ptq" and verdict["latency_ties"] == []  # qat fails the drop budget
+    drop = next(c for c in verdict["checks"][0]["checks"] if c["budget"] == "max_accuracy_drop")
+    assert drop["reference"] == "student" and drop["detail"].startswith("drop 0.50 pt vs student (92.00% -> 91.50%)")

@@ -94,3 +94,29 @@ def test_every_field_has_a_description():
                         walk(inner, seen)
 
     walk(PipelineConfig, set())
+
+
+def test_preprocess_mismatch_choices():
+    base = {"name": "x", "data": {"dataset": "synthetic"}}
+    assert validate_config(base).teacher.preprocess_mismatch == "refuse"
+    for choice in ("convert", "ignore"):
+        cfg = validate_config(base | {"teacher": {"preprocess_mismatch": choice}})
+        assert cfg.teacher.preprocess_mismatch == choice
+    with pytest.raises(ConfigError) as info:
+        validate_config(base | {"teacher": {"preprocess_mismatch": "fold"}})
+    assert info.value.problems[0][0] == "teacher.preprocess_mismatch"
+
+
+def test_custom_factories_search_the_pipeline_folder(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "name: x\n"
+        "teacher:\n  model: {arch: custom, factory: 'm:f', search_path: [src, /opt/models]}\n"
+        "  ensemble: [{model: {arch: custom, factory: 'm:g'}}]\n"
+        "distill:\n  student: {arch: custom, factory: 'm:h'}\n")
+    cfg = load_config(tmp_path / "p.yaml")
+    here = tmp_path.resolve()
+    assert cfg.teacher.model.search_path == [str(here / "src"), "/opt/models", str(here)]
+    assert cfg.teacher.ensemble[0].model.search_path == [str(here)]
+    assert cfg.distill.student.search_path == [str(here)]
+    assert validate_config({"name": "x", "distill": {"student": {"arch": "custom", "factory": "m:h"}}}
+                           ).distill.student.search_path == []  # no file: nothing to add

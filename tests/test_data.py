@@ -101,3 +101,79 @@ def test_augmentation_on_cuda(synthetic_data):
     synthetic_data.hflip, synthetic_data.crop_padding = True, 2
     x, _ = next(iter(synthetic_data.loader("train", shuffle=True, augment=True, device="cuda")))
     assert x.is_cuda
+
+
+# ------------------------------------------------------------------ checks before a run
+
+def _folder(root, classes=("cat", "dog"), test_classes=None, n=3, size=(10, 12)):
+    from PIL import Image
+
+    for split, names in (("train", classes), ("test", classes if test_classes is None else test_classes)):
+        for cls in names:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(np.full((*size, 3), 30 * i, np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _imagefolder_cfg(root, **kw):
+    return DataConfig(dataset="imagefolder", root=root, image_size=8, **kw)
+
+
+def test_scan_of_a_good_folder_finds_nothing(tmp_path):
+    from compresskit.data import check_data, scan_imagefolder
+
+    cfg = _imagefolder_cfg(_folder(tmp_path), class_names=["Cat", "Dog"])
+    assert scan_imagefolder(cfg) == [] and check_data(cfg) == []
+
+
+def test_scan_finds_class_differences_between_train_and_test(tmp_path):
+    from compresskit.data import scan_imagefolder
+
+    cfg = _imagefolder_cfg(_folder(tmp_path, classes=("cat", "dog", "emu"), test_classes=("cat", "dog", "fox")))
+    problems = scan_imagefolder(cfg)
+    assert ("data.root", f"class emu in {tmp_path / 'train'} but not in {tmp_path / 'test'} "
+                         "(both need the same classes)") in problems
+    assert any(loc == "data.root" and msg.startswith(f"class fox in {tmp_path / 'test'} but not in")
+               for loc, msg in problems)
+
+
+def test_scan_finds_an_empty_class_and_a_corrupt_image(tmp_path):
+    from compresskit.data import scan_imagefolder
+
+    _folder(tmp_path)
+    (tmp_path / "test" / "bird").mkdir()
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "notes.txt").write_text("not an image")  # ignored, as run ignores it
+    (tmp_path / "train" / "cat" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "test" / "dog" / "half.png").write_bytes((tmp_path / "test" / "dog" / "0.png").read_bytes()[:40])
+    problems = dict.fromkeys(msg for _, msg in scan_imagefolder(_imagefolder_cfg(tmp_path)))
+    assert f"{tmp_path / 'train' / 'bird'} has no images" in " ".join(problems)
+    assert f"{tmp_path / 'test' / 'bird'} has no images" in " ".join(problems)
+    bad = next(m for m in problems if "unreadable" in m)
+    assert bad.startswith(f"2 unreadable images in {tmp_path}: ")
+    assert "test/dog/half.png (" in bad and "train/cat/bad.png (" in bad
+
+
+def test_check_data_finds_wrong_mean_std_and_class_names_lengths(tmp_path):
+    from compresskit.data import check_data
+
+    cfg = _imagefolder_cfg(_folder(tmp_path), channels=1, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2],
+                           class_names=["a", "b", "c"])
+    problems = dict(check_data(cfg))
+    assert problems["data.mean"] == "3 values but the images have 1 channel (data.channels is 1)"
+    assert problems["data.std"].startswith("3 values but the images have 1 channel")
+    assert problems["data.class_names"].startswith(f"3 names but {tmp_path / 'train'} has 2 classes (cat, dog)")
+    synthetic = DataConfig(dataset="synthetic", mean=[0.1, 0.2], std=[0.3, 0.3], class_names=["x"])
+    problems = dict(check_data(synthetic))
+    assert problems["data.mean"].startswith("2 values but the images have 1 channel")
+    assert problems["data.class_names"] == "1 names but the dataset has 4 classes"
+
+
+def test_config_preprocess_is_what_load_data_records(tmp_path):
+    from compresskit.data import config_preprocess
+
+    for cfg in (DataConfig(dataset="synthetic", synthetic=SyntheticConfig(num_train=32, num_test=16, channels=3)),
+                _imagefolder_cfg(_folder(tmp_path), channels=1, mean=[0.4], class_names=["Cat", "Dog"])):
+        recorded = load_data(cfg, seed=0).checkpoint_preprocess()
+        assert recorded["class_names"] and config_preprocess(cfg) == recorded

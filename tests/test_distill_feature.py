@@ -101,27 +101,43 @@ def test_feature_terms_registered_in_config_order() -> None:
 # ---------------------------------------------------------------- ft
 
 
-def _factor_distance(f_s: np.ndarray, f_t: np.ndarray, p: int) -> float:
-    """Mean over samples and elements of |f_t/||f_t||_2 - f_s/||f_s||_2|^p, by explicit loops."""
-    total, count = 0.0, 0
+def _paper_factor_loss(f_s: np.ndarray, f_t: np.ndarray, p: int) -> float:
+    """Kim et al. (2018), by explicit loops: the mean over samples of the p-norm
+    ``(sum |f_t/||f_t||_2 - f_s/||f_s||_2|^p) ** (1/p)`` of each flattened sample."""
+    norms = []
     for a, b in zip(f_s, f_t, strict=True):
         a, b = a.ravel(), b.ravel()
         a_n = a / math.sqrt(sum(v * v for v in a))
         b_n = b / math.sqrt(sum(v * v for v in b))
-        total += sum(abs(x - y) ** p for x, y in zip(b_n, a_n, strict=True))
-        count += len(a)
-    return total / count
+        norms.append(sum(abs(x - y) ** p for x, y in zip(b_n, a_n, strict=True)) ** (1.0 / p))
+    return sum(norms) / len(norms)
 
 
 @pytest.mark.parametrize("p", [1, 2])
-def test_ft_factor_loss_matches_hand_formula(p: int) -> None:
+def test_ft_factor_loss_matches_the_papers_formula(p: int) -> None:
     f_s = torch.tensor([[[[3.0, 0.0], [0.0, 4.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])  # (2, 1, 2, 2)
     f_t = torch.tensor([[[[0.0, 3.0], [4.0, 0.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])
-    # sample 0: (0,.6,.8,0) - (.6,0,0,.8): |d| = .6,.6,.8,.8 (sum 2.8, squares sum 2.0);
-    # sample 1: identical directions, 0; mean over 2 samples x 4 elements
-    expected = {1: 2.8 / 8, 2: 2.0 / 8}[p]
-    assert factor_transfer_loss(f_s, f_t, p).item() == pytest.approx(expected, rel=1e-5)
-    assert factor_transfer_loss(f_s, f_t, p).item() == pytest.approx(_factor_distance(_np(f_s), _np(f_t), p))
+    # sample 0: (0,.6,.8,0) - (.6,0,0,.8): |d| = .6,.6,.8,.8, so ||d||_1 = 2.8 and ||d||_2 = sqrt(2);
+    # sample 1: identical directions, 0; the paper averages the per-sample norms over the 2 samples
+    paper = {1: 2.8 / 2, 2: math.sqrt(2.0) / 2}[p]
+    assert _paper_factor_loss(_np(f_s), _np(f_t), p) == pytest.approx(paper)
+    assert factor_transfer_loss(f_s, f_t, p, per_element=False).item() == pytest.approx(paper, rel=1e-5)
+    # the default divides by D ** (1/p) with D = 4 elements per sample: for p=2 the RMS difference
+    # (a norm, not the mean squared difference the loss used to return: 2.0 / 8 = 0.25)
+    default = factor_transfer_loss(f_s, f_t, p).item()
+    assert default == pytest.approx(paper / 4 ** (1.0 / p), rel=1e-5)
+    if p == 2:
+        assert default == pytest.approx(math.sqrt(2.0) / 2 / 2, rel=1e-5) and default != pytest.approx(0.25)
+
+
+def test_ft_factor_loss_scales_as_a_norm() -> None:
+    """Doubling the distance doubles the loss for every p (a p-th power would quadruple it at p=2)."""
+    f_t = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    near = torch.tensor([[[[1.0, 0.01], [0.0, 0.0]]]])
+    far = torch.tensor([[[[1.0, 0.02], [0.0, 0.0]]]])
+    for p in (1, 2):
+        ratio = factor_transfer_loss(far, f_t, p).item() / factor_transfer_loss(near, f_t, p).item()
+        assert ratio == pytest.approx(2.0, rel=0.02)
 
 
 def test_ft_term_values_in_both_phases() -> None:
@@ -141,7 +157,8 @@ def test_ft_term_values_in_both_phases() -> None:
     term(_inputs(s, t))
     term.eval()
     assert term.paraphraser_trained
-    expected = _factor_distance(_np(term.translator(s)), _np(term.encoder(t)), 2)
+    d = term.encoder(t)[0].numel()  # elements per sample
+    expected = _paper_factor_loss(_np(term.translator(s)), _np(term.encoder(t)), 2) / math.sqrt(d)
     assert term(_inputs(s, t)).item() == pytest.approx(expected, rel=1e-5)
 
 

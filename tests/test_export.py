@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -15,12 +16,16 @@ from torch import nn
 from compresskit.export import (
     LABELS_KEY,
     PREPROCESS_KEY,
+    divergence_problem,
     export_onnx,
     export_ort_format,
     labels_metadata,
+    logit_stats,
     parity_check,
+    parity_problem,
     preprocess_metadata,
 )
+from compresskit.export import run as export_run
 from compresskit.onnxutil import op_counts, read_metadata
 
 
@@ -157,3 +162,132 @@ def test_metadata_validation():
         labels_metadata([])
     gray = json.loads(preprocess_metadata([0.28], [0.35], (28, 28), scale=1.0)[PREPROCESS_KEY])
     assert gray["channels"] == 1 and gray["scale"] == 1.0 and gray["size"] == [28, 28]
+
+
+# ------------------------------------------------------------------ parity judged relative to the logits' scale
+
+
+def _scaled(factor: float) -> TinyNet:
+    """The test net with its logits multiplied by `factor` (a student whose training diverged)."""
+    net = _net().eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(factor)
+        net.fc.bias.mul_(factor)
+    return net
+
+
+def test_parity_check_reports_relative_difference_and_scale(tmp_path):
+    net = _scaled(1e4)
+    path = export_onnx(net, tmp_path / "m.onnx", _inputs(1))
+    figures = parity_check(net, path, _inputs(32))
+    with torch.no_grad():
+        scale = float(net(_inputs(32)).abs().max())
+    assert figures["max_abs_logit"] == pytest.approx(scale, rel=1e-6)
+    assert figures["max_rel_diff"] == pytest.approx(figures["max_abs_diff"] / scale)
+    assert figures["max_rel_diff"] < 1e-5 and figures["top1_agreement"] == 1.0
+
+
+def test_rounding_error_of_huge_logits_passes_parity(tmp_path):
+    """Logits ~1e4: float32 rounding alone differs by more than the old fixed absolute tolerance
+    (1e-3), but relative to the logits it is ~1e-7, and the top-1 classes agree."""
+    net = _scaled(1e5)
+    path = export_onnx(net, tmp_path / "m.onnx", _inputs(1))
+    figures = parity_check(net, path, _inputs(64))
+    assert figures["max_abs_diff"] > 1e-3  # the old check failed this export on rounding alone
+    assert parity_problem(figures, max_abs_diff=1e-3, max_rel_diff=1e-4, min_top1_agreement=0.99) is None
+
+
+def test_parity_problem_names_the_threshold():
+    base = {"n": 100, "max_abs_diff": 5e-3, "max_rel_diff": 5e-3 / 10.0, "max_abs_logit": 10.0,
+            "top1_agreement": 1.0}
+    problem = parity_problem(base, max_abs_diff=1e-3, max_rel_diff=1e-4, min_top1_agreement=0.99)
+    assert "export.max_rel_diff=0.0001" in problem and "export.max_abs_diff=0.001" in problem
+    # below the absolute floor a difference passes whatever its relative size (near-zero logits)
+    tiny = {**base, "max_abs_diff": 5e-4, "max_rel_diff": 0.5, "max_abs_logit": 1e-3}
+    assert parity_problem(tiny, max_abs_diff=1e-3, max_rel_diff=1e-4, min_top1_agreement=0.99) is None
+    assert "max_rel_diff" in parity_problem(tiny, max_abs_diff=None, max_rel_diff=1e-4, min_top1_agreement=0.99)
+    flipped = {**base, "max_abs_diff": 1e-6, "max_rel_diff": 1e-7, "top1_agreement": 0.95}
+    problem = parity_problem(flipped, max_abs_diff=1e-3, max_rel_diff=1e-4, min_top1_agreement=0.99)
+    assert problem == "top-1 class agrees on 95.00% of 100 images < export.min_top1_agreement=0.99"
+    nan = {**base, "max_abs_diff": float("nan"), "max_rel_diff": float("nan")}
+    assert parity_problem(nan, max_abs_diff=1e-3, max_rel_diff=1e-4, min_top1_agreement=0.99) is not None
+
+
+def test_parity_check_does_not_hide_nan(tmp_path):
+    net = _net().eval()
+    path = export_onnx(net, tmp_path / "m.onnx", _inputs(1))
+    with torch.no_grad():
+        net.fc.bias[0] = float("nan")
+    figures = parity_check(net, path, _inputs(8))
+    assert math.isnan(figures["max_abs_diff"])
+
+
+def test_diverged_models_are_recognised():
+    assert divergence_problem(logit_stats(_net(), _inputs(8))) is None
+    huge = logit_stats(_scaled(1e4), _inputs(8))
+    assert huge["finite"] and huge["max_abs_logit"] > 1e3
+    assert "export.max_abs_logit=1000" in divergence_problem(huge, 1e3)
+    assert divergence_problem(huge, None) is None
+    broken = _net()
+    with torch.no_grad():
+        broken.fc.bias[1] = float("inf")
+    assert divergence_problem(logit_stats(broken, _inputs(8)), None) == "its logits are not finite (NaN or inf)"
+
+
+def _export_stage(tmp_path, model, **export_cfg):
+    """Run the export stage on one float checkpoint of `model` (a resnet on 1-channel 16x16 data)."""
+    from compresskit.checkpoint import save_checkpoint
+    from compresskit.config import DataConfig, ExportConfig, SyntheticConfig
+    from compresskit.stage import StageContext
+    from compresskit.stages import ExportJob
+
+    spec = {"arch": "resnet", "num_classes": 4, "in_channels": 1, "blocks": [1], "width": 8}
+    ckpt = save_checkpoint(tmp_path / "student.pt", model, spec)
+    data = DataConfig(dataset="synthetic", batch_size=32, calib_size=16,
+                      synthetic=SyntheticConfig(num_train=64, num_test=32, num_classes=4, image_size=16, channels=1))
+    job = ExportJob(export=ExportConfig(parity_samples=32, **export_cfg), data=data, seed=0)
+    out = tmp_path / "export"
+    out.mkdir()
+    ctx = StageContext(name="export", dir=out, inputs={"student": ckpt}, key="k", quiet=True)
+    return export_run(ctx, job)
+
+
+def _resnet(logit_scale: float = 1.0):
+    from compresskit.nets import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "resnet", "num_classes": 4, "in_channels": 1, "blocks": [1], "width": 8}).eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(logit_scale)
+        last.bias.mul_(logit_scale)
+    return model
+
+
+def test_export_stage_reports_a_diverged_model_in_one_line(tmp_path):
+    from compresskit.stage import StageError
+
+    with pytest.raises(StageError) as info:
+        _export_stage(tmp_path, _resnet(5e6))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("export: the student model looks diverged on 32 test images, not exported: "
+                              "its max |logit|")
+    assert "export.max_abs_logit=1000" in message
+    assert not (tmp_path / "export" / "student.onnx").exists()
+    # with the bound lifted, the same model exports: its parity is judged relative to its logits
+    (tmp_path / "lifted").mkdir()
+    result = _export_stage(tmp_path / "lifted", _resnet(5e6), max_abs_logit=None)
+    figures = result.metrics["parity"]["student"]
+    assert figures["max_abs_logit"] > 1e3 and figures["max_rel_diff"] < 1e-4
+    assert figures["max_abs_diff"] > 1e-3  # the old fixed absolute tolerance failed it on rounding alone
+    assert "top-1 agreement >= 100.0%" in result.summary
+
+
+def test_export_stage_names_the_parity_threshold(tmp_path):
+    from compresskit.stage import StageError
+
+    with pytest.raises(StageError, match=r"^export: student.onnx does not match its PyTorch model: max \|logit "
+                                         r"difference\| .* > export.max_rel_diff=1e-12 "
+                                         r"and > export.max_abs_diff=1e-12$"):
+        _export_stage(tmp_path, _resnet(), max_rel_diff=1e-12, max_abs_diff=1e-12)

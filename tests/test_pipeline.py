@@ -230,15 +230,15 @@ def test_teacher_from_checkpoint(tiny_run, tmp_path):
         assert metrics["loaded_from"] == str(path) and metrics["test_accuracy"] > 0.6
 
 
-def test_bad_teacher_checkpoint_fails_the_stage(tmp_path):
-    from compresskit.pipeline import StageError
+def test_bad_teacher_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    from compresskit.config import ConfigError
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     cfg = _cfg(tmp_path, ROOT / "pipelines" / "tiny_synthetic.yaml", [f"teacher.checkpoint={bad}"])
-    with pytest.raises((StageError, ValueError), match="bad.pt"):
+    with pytest.raises(ConfigError, match="bad.pt"):
         run_pipeline(cfg, quiet=True, log=lambda m: None, until="teacher")
-    assert not (tmp_path / "models" / cfg.name / "teacher" / "model.pt").exists()
+    assert not (tmp_path / "models").exists()
 
 
 def test_magnitude_pruning_reuses_upstream_stages(tiny_run, tmp_path):
@@ -335,3 +335,17 @@ def test_benchmark_scripts_run_on_the_tiny_run(tiny_run, tmp_path):
     assert _script("distill_throughput").main(["--config", tiny, "--teacher", str(run / "teacher" / "model.pt"),
                                                "--steps", "3", "--rounds", "1", "--out", str(out)]) == 0
     assert "cache hit rate 100%" in out.read_text()
+
+
+def test_tracked_run_logs_every_stage(run_copy):
+    mlflow = pytest.importorskip("mlflow")
+    tmp, _ = run_copy
+    cfg = _cfg(tmp, ROOT / "pipelines" / "tiny_synthetic.yaml", [f"tracking.mlflow_uri={tmp / 'mlruns'}"])
+    outcomes, report = run_pipeline(cfg, quiet=True, log=lambda m: None)
+    assert _status(outcomes)["distill"] == "cached"  # tracking is no stage's input
+    client = mlflow.MlflowClient((tmp / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("compresskit").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["name"] == cfg.name
+    assert run.data.metrics["teacher/test_accuracy"] == pytest.approx(report["rows"][0]["accuracy"], abs=0.05)
+    assert len(client.get_metric_history(run.info.run_id, "distill/student/epoch/val_accuracy")) == 3
+    assert "report.json" in [a.path for a in client.list_artifacts(run.info.run_id)]

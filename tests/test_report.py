@@ -197,11 +197,11 @@ def test_markdown_and_json_show_gmacs_and_peak(tmp_path):
     header = next(line for line in lines if line.startswith("| model | batch"))
     assert header.endswith("| speed-up | GMAC/s | % of peak |")
     # ptq (int8): 3M MACs in 1.6 ms = 1.875 GMAC/s; int8 peak 1 x 2.0 GHz x 128 = 256 -> 0.73%
-    assert "| ptq | 1 | 1 | 1.600 | 1.760 | 1.680 | 625.0 | 6.25x | 1.88 | 0.73% |" in lines
+    assert "| ptq | 1 | 1 | 1.600 | - | 1.760 | 1.680 | - | 625.0 | 6.25x | 1.88 | 0.73% |" in lines
     # at batch 64: 64 x 3M / 25 ms = 7.68 GMAC/s = 3.00% of 256
-    assert "| ptq | 64 | 1 | 25.000 | 27.500 | 26.250 | 2560.0 | 16.00x | 7.68 | 3.00% |" in lines
+    assert "| ptq | 64 | 1 | 25.000 | - | 27.500 | 26.250 | - | 2560.0 | 16.00x | 7.68 | 3.00% |" in lines
     # teacher (fp32): 30M / 10 ms = 3 GMAC/s; fp32 peak 1 x 2.0 x 32 = 64 -> 4.69%
-    assert "| teacher | 1 | 1 | 10.000 | 11.000 | 10.500 | 100.0 | 1.00x | 3.00 | 4.69% |" in lines
+    assert "| teacher | 1 | 1 | 10.000 | - | 11.000 | 10.500 | - | 100.0 | 1.00x | 3.00 | 4.69% |" in lines
     assert "| clock (for the peak) | 2.00 GHz (cpufreq max) |" in lines
     assert "| peak formula | peak GMAC/s = cores x clock GHz x MACs/cycle/core |" in lines
     fp32 = next(line for line in lines if line.startswith("| peak fp32, 1 core(s) |"))
@@ -240,15 +240,20 @@ def test_evidence_sections_render():
     rep = report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV, stages=[],
                               evidence=evidence)
     md = report.render_markdown(rep)
-    assert "| u8s8-pt-minmax | 90.00% | 0.100 | 2.00x | 5 / 7 | 0 | yes |" in md
-    assert "| s8s8-pt-minmax | 90.00% | 0.400 | 0.50x | 2 / 20 | 0 |  |" in md
-    assert "| 0.5 | 1.00M | 0.50 | 0.160 | 0.80 |" in md
+    # the stages' own passes are shown as ratios within those passes, never as absolute ms
+    assert "| u8s8-pt-minmax | 90.00% | 2.00x | 5 / 7 | 0 | yes |" in md
+    assert "| s8s8-pt-minmax | 90.00% | 0.50x | 2 / 20 | 0 |  |" in md
+    assert "speed-up vs FP32 b1 (search pass)" in md and "relative to FP32 in that pass" in md
+    assert "| 0.5 | 1.00M | 0.50 | 0.80 |" in md and "latency ratio (probe pass)" in md
+    for absolute in ("0.100", "0.400", "0.160", "p50 (ms)"):
+        assert absolute not in md.split("## INT8 format")[1].split("## Training")[0]
     assert "| distill | student | 1500 | 60.0 s | 10/5 |" in md
-    # the chosen model slower than FP32 would be said plainly
+    # the chosen model slower than FP32 would be said plainly, as a figure of that pass
     evidence["int8_search"]["chosen"] = "s8s8-pt-minmax"
     md = report.render_markdown(report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV,
                                                     stages=[], evidence=evidence))
-    assert "**INT8 is slower than FP32 here** for `s8s8-pt-minmax` at batch 1 (0.50x)" in md
+    assert ("**INT8 was slower than FP32 during the format search for s8s8-pt-minmax at batch 1 (0.50x), relative "
+            "to FP32 in that pass") in md
 
 
 def test_markdown_without_peak_fields_still_renders(tmp_path):
@@ -351,3 +356,56 @@ def test_report_from_real_measurements(tmp_path):
     entry = rep["rows"][1]["latency"][0]
     assert entry["gmacs"] == pytest.approx(48 / (entry["p50_ms"] / 1e3) / 1e9)
     assert f"| {entry['gmacs']:.2f} |" in md
+
+
+# ------------------------------------------------------------------ accuracy-loss warnings
+
+
+def _loss_metrics(prune_loss: float, qat_loss: float) -> dict:
+    """Stage metrics as the prune and quantize stages write them, judged at the default 2 pt."""
+    prune = budget.accuracy_loss_check("pruning", "student", 0.90 - prune_loss, 0.90, 0.02,
+                                       "prune.finetune.max_accuracy_loss")
+    qat = budget.accuracy_loss_check("QAT", "float model", 0.88 - qat_loss, 0.88, 0.02,
+                                     "quantize.qat.max_accuracy_loss")
+    return {"prune": {"accuracy_check": prune}, "quantize": {"qat": {"accuracy_check": qat}}}
+
+
+def test_accuracy_loss_check_judges_the_margin():
+    ok = budget.accuracy_loss_check("QAT", "float model", 0.87, 0.88, 0.02, "quantize.qat.max_accuracy_loss")
+    assert ok["loss"] == pytest.approx(0.01) and not ok["exceeded"] and "warning" not in ok
+    edge = budget.accuracy_loss_check("QAT", "float model", 0.86, 0.88, 0.02, "quantize.qat.max_accuracy_loss")
+    assert not edge["exceeded"]  # exactly the margin is allowed
+    bad = budget.accuracy_loss_check("QAT", "float model", 0.78, 0.88, 0.02, "quantize.qat.max_accuracy_loss")
+    assert bad["exceeded"] and bad["loss"] == pytest.approx(0.10)
+    assert bad["warning"] == ("QAT lost 10.0 pt test accuracy against the float model (88.00% -> 78.00%), "
+                              "more than quantize.qat.max_accuracy_loss=0.02 (2.0 pt)")
+    unknown = budget.accuracy_loss_check("pruning", "student", 0.5, None, 0.02, "prune.finetune.max_accuracy_loss")
+    assert unknown["loss"] is None and not unknown["exceeded"]
+
+
+def test_accuracy_loss_warnings_in_markdown_and_console():
+    metrics = _loss_metrics(prune_loss=0.05, qat_loss=0.10)
+    warnings = report.accuracy_warnings(metrics)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("pruning lost 5.0 pt test accuracy against the student")
+    assert warnings[1].startswith("QAT lost 10.0 pt test accuracy against the float model")
+    rep = report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV, stages=[],
+                              evidence=report.evidence(metrics))
+    md = report.render_markdown(rep)
+    assert "## Warnings" in md
+    for w in warnings:
+        assert f"- **Warning:** {w}" in md
+    out = io.StringIO()
+    Console(file=out, width=400, color_system=None).print(report.render_console_table(rep))
+    text = out.getvalue()
+    for w in warnings:
+        assert f"Warning: {w}" in text
+
+
+def test_no_warning_within_the_margin():
+    metrics = _loss_metrics(prune_loss=0.01, qat_loss=0.0)
+    assert report.accuracy_warnings(metrics) == []
+    assert "warnings" not in report.evidence(metrics)
+    rep = report.build_report(run="r", config={}, rows=_rows(), verdict={}, environment=ENV, stages=[],
+                              evidence=report.evidence(metrics))
+    assert "Warning" not in report.render_markdown(rep)

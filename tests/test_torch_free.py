@@ -25,6 +25,7 @@ TORCH_FREE = [
     "compresskit.quantize.calibrate",
     "compresskit.bench",
     "compresskit.report",
+    "compresskit.report.html",
     "compresskit.budget",
     "compresskit.quantize.search",
 ]

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresskit.config import TrainConfig
-from compresskit.train import evaluate, fit, loaders_for, make_optimizer
+from compresskit.train import TrainingDiverged, evaluate, fit, loaders_for, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -189,3 +189,68 @@ def test_a_module_that_returns_a_tensor_is_explained():
     train, val = _tensor_loaders()
     with pytest.raises(TypeError, match="_Loss"):
         fit(TinyNet(), MyLoss(), train, val, epochs=1, quiet=True)
+
+
+# ------------------------------------------------------------------ training health
+
+
+def test_non_finite_loss_is_a_training_diverged_error_naming_the_run():
+    model = TinyNet()
+    train, val = _tensor_loaders()
+    with pytest.raises(TrainingDiverged, match=r"^qat: loss became nan in epoch 1; try a lower train.lr") as info:
+        fit(model, lambda logits, y: logits.sum() * float("nan"), train, val, epochs=1, desc="qat", quiet=True)
+    assert isinstance(info.value, RuntimeError)  # the pipeline makes a one-line stage error of it
+
+
+def test_exploding_finite_loss_stops_with_a_clear_error():
+    """Losses of 1e3..1e12 (gradient clipping keeps the weights finite) are divergence, not 'done'."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    train, val = _tensor_loaders()  # 6 batches an epoch
+    calls = [0]
+
+    def exploding(logits, y):
+        calls[0] += 1
+        return nn.functional.cross_entropy(logits, y) * 10.0 ** min(calls[0] - 1, 12)
+
+    cfg = TrainConfig(epochs=3, lr=0.01, schedule="constant", grad_clip=1.0)
+    with pytest.raises(TrainingDiverged, match=r"^student: training diverged in epoch 1: .*max_loss_growth=100.*"
+                                               r"train.grad_clip.*normalisation"):
+        fit(model, exploding, train, val, cfg=cfg, desc="student", quiet=True)
+    assert calls[0] == 6  # stopped after the first epoch
+    calls[0] = 0
+    cfg_off = cfg.model_copy(update={"max_loss_growth": None, "epochs": 1})
+    fit(TinyNet(), exploding, train, val, cfg=cfg_off, quiet=True)  # the check can be turned off
+
+
+def _dead_model():
+    """Every ReLU is off (a huge negative bias), so the logits are the classifier's bias alone:
+    the model cannot learn, and on balanced labels it stays at chance with a flat loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-1e4)
+        model[4].bias.zero_()
+    return model
+
+
+def test_accuracy_at_chance_with_a_flat_loss_is_a_collapse(tmp_path):
+    model = _dead_model()
+    train, val = _tensor_loaders()  # balanced labels: chance is 25%
+    cfg = TrainConfig(epochs=6, lr=0.05, schedule="constant")
+    resume = tmp_path / "resume.pt"
+    with pytest.raises(TrainingDiverged, match=r"^teacher: training collapsed: val accuracy stayed at chance "
+                                               r"\(1/4 = 25.0%.*epochs 2-4.*train.lr"):
+        fit(model, nn.functional.cross_entropy, train, val, cfg=cfg, desc="teacher", quiet=True,
+            resume_file=resume, resume_key="k")
+    state = torch.load(resume, weights_only=True)
+    assert state["epoch"] == 2  # the collapsed epoch 4 was not saved: a re-run starts from epoch 3 again
+
+
+def test_short_runs_at_chance_do_not_trip():
+    """A 3-epoch run (the tiny pipelines) is not enough evidence of a collapse."""
+    model = _dead_model()
+    train, val = _tensor_loaders()
+    res = fit(model, nn.functional.cross_entropy, train, val, cfg=TrainConfig(epochs=3, lr=0.05), quiet=True)
+    assert len(res.history) == 3 and res.best_val_accuracy == pytest.approx(0.25)

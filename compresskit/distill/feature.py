@@ -48,21 +48,27 @@ __all__ = [
 # ---------------------------------------------------------------- functional losses
 
 
-def factor_transfer_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0) -> Tensor:
+def factor_transfer_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 1.0, *,
+                         per_element: bool = True) -> Tensor:
     """Kim et al. (2018) factor-transfer loss between two (N, k, H, W) factors.
 
-    ``mean over samples and elements of |F_t[n] / ||F_t[n]||_2 - F_s[n] / ||F_s[n]||_2|^p``: each
-    sample's factor is flattened and L2-normalised. The paper writes the p-norm of the difference
-    per sample; the mean of its p-th powers over the D elements is the same distance scaled by
-    1/D (raised to p), which keeps the term's size independent of the factor's size and matches
-    the scale the reference weight (200) was tuned for; with the summed norm that weight made
+    The paper: ``mean over samples n of || F_t[n]/||F_t[n]||_2 - F_s[n]/||F_s[n]||_2 ||_p``,
+    each sample's factor flattened to D = k*H*W values and L2-normalised; that is what
+    ``per_element=False`` returns. The default divides it by ``D ** (1/p)``, a constant of the
+    factor's size: ``mean_n (mean over the D elements of |d[n]|^p) ** (1/p)``. For p=1 that is the
+    mean absolute difference, for p=2 the root-mean-square difference: still the paper's p-norm
+    (same direction of the gradient, not its p-th power), but of a size independent of D, which is
+    the scale the reference weight (200) was tuned for; with the undivided norm that weight made
     training diverge on the default pair. Factors of different H or W are pooled to the smaller
     size first. float32.
     """
     f_s, f_t = match_spatial(student_factor.float(), teacher_factor.float())
     f_s = F.normalize(f_s.flatten(1), dim=1)
     f_t = F.normalize(f_t.flatten(1), dim=1)
-    return (f_t - f_s).abs().pow(p).mean()
+    dist = torch.linalg.vector_norm(f_t - f_s, ord=p, dim=1)
+    if per_element:
+        dist = dist / f_s.shape[1] ** (1.0 / p)
+    return dist.mean()
 
 
 def vid_nll(mean: Tensor, target: Tensor, variance: Tensor) -> Tensor:
@@ -185,8 +191,9 @@ class FTTerm(_PairTerm):
     ``k -> k -> C_t -> C_t`` (its last layer a plain 3x3 conv, so it can reconstruct a
     feature of any sign), and a translator on the student feature ``C_s -> C_s -> k -> k``, with
     ``k = max(1, round(factor_rate * C_t))`` factor channels. Factors ``F_t = encoder(t)``,
-    ``F_s = translator(s)``; loss ``mean_n || F_t/||F_t||_2 - F_s/||F_s||_2 ||_p`` (per-sample
-    normalisation over the flattened factor, see `factor_transfer_loss`).
+    ``F_s = translator(s)``; loss ``mean_n || F_t/||F_t||_2 - F_s/||F_s||_2 ||_p / D^(1/p)`` (per-sample
+    normalisation over the flattened factor of D values; the constant 1/D^(1/p) keeps the size
+    independent of D, see `factor_transfer_loss`).
 
     The paper first trains the paraphraser to reconstruct the teacher feature, then freezes it
     and trains the student. Here that is one run: during the first `paraphraser_steps`

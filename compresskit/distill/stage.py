@@ -36,7 +36,8 @@ def run(ctx: StageContext, job: DistillJob) -> StageResult:
                        teacher=teacher if uses_teacher else None, teacher_key=teacher_key)
         test_acc = sk.evaluate(model, data, "test", device)
         path = ctx.dir / ("model.pt" if name == "student" else "baseline.pt")
-        save_checkpoint(path, model.cpu(), spec, meta={"stage": "distill", "test_accuracy": test_acc})
+        save_checkpoint(path, model.cpu(), spec, meta={"stage": "distill", "test_accuracy": test_acc},
+                        preprocess=data.checkpoint_preprocess())
         outputs[name] = path
         metrics[name] = {"fit": res.to_json(), "val_accuracy": res.best_val_accuracy,
                          "test_accuracy": test_acc, "params": count_params(model)}

@@ -14,11 +14,17 @@ Two methods with different promises:
 A pruned model is rebuilt from a checkpoint loaded with `torch.load(..., weights_only=True)`
 through `pruning_state` and `rebuild_pruned`.
 
-Modules: `common` (PruneResult, MAC/parameter counting, module paths), `structured`, `search`,
+Torch-Pruning's limits are checked before it runs: `check_prunable` lists what makes a model
+unprunable (one line each), `prune_structured` keeps whole the layer groups it cannot handle
+(reported in `settings["kept_layers"]`) and raises `PruneRefused` (a ValueError) otherwise.
+
+Modules: `common` (PruneResult, MAC/parameter counting, module paths), `check` (what Torch-Pruning
+can handle), `structured`, `search`,
 `magnitude`, `state` (checkpoints). Everything public is re-exported here, so callers import
 from `compresskit.prune` only.
 """
 
+from compresskit.prune.check import PruneRefused, check_prunable, inspect_graph
 from compresskit.prune.common import ExampleInputs, Method, PruneResult, count_macs_params, expand_paths
 from compresskit.prune.magnitude import MagnitudeLayers, finalize_magnitude, prune_magnitude
 from compresskit.prune.search import search_ratio
@@ -33,10 +39,13 @@ __all__ = [
     "Importance",
     "MagnitudeLayers",
     "Method",
+    "PruneRefused",
     "PruneResult",
+    "check_prunable",
     "count_macs_params",
     "expand_paths",
     "finalize_magnitude",
+    "inspect_graph",
     "prune_magnitude",
     "prune_structured",
     "pruning_state",

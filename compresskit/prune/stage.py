@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from compresskit import stagekit as sk
+from compresskit.budget import accuracy_loss_check
 from compresskit.stage import StageContext, StageError, StageResult
 from compresskit.stages import LatencySetting, PruneJob
 
@@ -84,17 +85,24 @@ def run(ctx: StageContext, job: PruneJob) -> StageResult:
     test_acc = sk.evaluate(model, data, "test", device)
     out = ctx.dir / "model.pt"
     save_checkpoint(out, model.cpu(), ckpt["spec"], pruning=pruning_state,
-                    meta={"stage": "prune", "test_accuracy": test_acc})
+                    meta={"stage": "prune", "test_accuracy": test_acc}, preprocess=data.checkpoint_preprocess())
     sk.cleanup_resume(ctx.dir)
     info = result.to_json()
     metrics = {"prune": info, "val_accuracy_before_finetune": val_before, "fit": res.to_json(),
-               "val_accuracy": res.best_val_accuracy, "test_accuracy": test_acc}
+               "val_accuracy": res.best_val_accuracy, "test_accuracy": test_acc,
+               "accuracy_check": accuracy_loss_check(
+                   "pruning", "student", test_acc, (ckpt.get("meta") or {}).get("test_accuracy"),
+                   ft.max_accuracy_loss, "prune.finetune.max_accuracy_loss")}
     if latency_info is not None:
         metrics["latency"] = latency_info
         row = latency_info["tried"][-1]
         summary = (f"ratio {row['ratio']}: MACs {info['macs_before'] / 1e6:.2f}M -> {info['macs_after'] / 1e6:.2f}M "
                    f"(x{row['mac_ratio']:.2f}), FP32 latency x{row['latency_ratio']:.2f}, params "
                    f"{info['params_before'] / 1e3:.0f}k -> {info['params_after'] / 1e3:.0f}k, test {test_acc:.2%}")
+        if info["settings"].get("kept_layers"):  # what Torch-Pruning cannot handle, with reasons in the metrics
+            summary += f"; {len(info['settings']['kept_layers'])} layer(s) kept whole (prune.settings.kept_layers)"
     else:
         summary = f"sparsity {info['sparsity']:.1%} (dense kernels: no speed-up), test {test_acc:.2%}"
+    if metrics["accuracy_check"].get("warning"):
+        summary += f"; WARNING: {metrics['accuracy_check']['warning']}"
     return StageResult({"model": out}, metrics, summary)

@@ -37,7 +37,18 @@ def _structural_attrs(module: nn.Module) -> dict[str, Any] | None:
         return {"num_groups": module.num_groups, "num_channels": module.num_channels}
     if isinstance(module, nn.PReLU):
         return {"num_parameters": module.num_parameters}
+    if isinstance(module, nn.MultiheadAttention):
+        return {"embed_dim": module.embed_dim, "kdim": module.kdim, "vdim": module.vdim,
+                "head_dim": module.head_dim}
+    if isinstance(module, nn.Embedding):
+        return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim}
     return None
+
+
+# Types whose attributes Torch-Pruning rewrites when it prunes them; any other module only has
+# bare parameters resized (ConvNeXt's layer scale, ViT's class token), with no attribute to record.
+_RESTRUCTURED = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                 nn.GroupNorm, nn.PReLU, nn.MultiheadAttention, nn.Embedding, nn.RNNBase)
 
 
 def pruning_state(pruned_model: nn.Module) -> dict[str, Any]:
@@ -94,6 +105,8 @@ def _rebuild_module(path: str, module: nn.Module, record: dict[str, Any]) -> Non
     if not changed:
         return
     attrs = record["attrs"]
+    if attrs is None and not isinstance(module, _RESTRUCTURED):
+        attrs = {}  # bare parameters only: resizing them is the whole rebuild
     if attrs is None:
         raise ValueError(
             f"cannot rebuild module {path!r}: tensors of a {record['type']} changed "

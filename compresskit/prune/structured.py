@@ -5,6 +5,13 @@
 included) does less work. The final classifier is never pruned, so the output shape stays.
 A per-layer cap (`max_layer_ratio`) is enforced on every step, which Torch-Pruning alone does
 not guarantee under global pruning.
+
+What Torch-Pruning cannot handle never ends in its traceback: the dependency graph is checked
+first (`compresskit.prune.check`); layer groups whose channels cross a channel shuffle or split
+are kept whole, and so is any group whose pruning breaks the forward pass (found by running the
+model after each pruning step and, when that fails, after each group); they are listed in
+`settings["kept_layers"]` with the reason. A model that cannot be pruned at all is refused with a
+`PruneRefused` (a ValueError) of one line.
 """
 
 from __future__ import annotations
@@ -19,6 +26,13 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compresskit.prune.check import (
+    PruneRefused,
+    Tracer,
+    describe_error,
+    inspect_graph,
+    one_line,
+)
 from compresskit.prune.common import (
     _WEIGHTED,
     ExampleInputs,
@@ -134,6 +148,25 @@ def _capped_indices(
     return sorted(idxs, key=lambda i: float(scores[i]))[:n_remove]
 
 
+class _GroupBroke(Exception):
+    """Pruning a group (`layer`: its root; None when not yet known) broke the model: `why`."""
+
+    def __init__(self, layer: str | None, why: str) -> None:
+        super().__init__(why)
+        self.layer, self.why = layer, why
+
+
+def _forward_problem(model: nn.Module, inputs: tuple[Tensor, ...], expected: Any) -> str | None:
+    """Why the (partly pruned) model no longer runs on `inputs` as before, or None."""
+    try:
+        out = _run_eval(model, inputs)
+    except Exception as err:  # a forward that fails after pruning: whatever it raises
+        return f"pruning it breaks the forward pass ({describe_error(err)})"
+    if isinstance(expected, Tensor) and isinstance(out, Tensor) and out.shape != expected.shape:
+        return f"pruning it changes the output shape from {tuple(expected.shape)} to {tuple(out.shape)}"
+    return None
+
+
 def _run_pruner(
     pruned: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -147,9 +180,17 @@ def _run_pruner(
     max_layer_ratio: float,
     batches: Sequence[tuple[Tensor, Tensor]],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
+    expected: Any = None,
+    careful: bool = False,
 ) -> None:
     """Build Torch-Pruning's pruner on `pruned` and run its steps in place, with fresh Taylor
-    gradients before each step and the per-layer cap applied to every group."""
+    gradients before each step and the per-layer cap applied to every group.
+
+    The model is run after every step (after every group when `careful`); when it no longer
+    runs like before (`expected`: the output before pruning) a `_GroupBroke` names the group's
+    root layer (None after a whole step: rerun with `careful` to find it).
+    """
+    names = {m: n for n, m in pruned.named_modules()}
     flags = {m: m.training for m in pruned.modules()}
     pruned.eval()  # the pruner traces the model; keep BatchNorm statistics untouched
     try:
@@ -163,6 +204,7 @@ def _run_pruner(
             iterative_steps=iterative_steps,
             round_to=round_to,
             ignored_layers=ignored,
+            forward_fn=Tracer(),
         )
     finally:
         for m, flag in flags.items():
@@ -171,7 +213,56 @@ def _run_pruner(
         if batches:
             _accumulate_gradients(pruned, batches, loss_fn)
         for group in pruner.step(interactive=True):
-            group.prune(_capped_indices(pruner, group, max_layer_ratio, round_to))
+            root = names.get(group[0].dep.target.module)
+            try:
+                group.prune(_capped_indices(pruner, group, max_layer_ratio, round_to))
+            except Exception as err:  # Torch-Pruning's own checks (e.g. attention heads) or a crash
+                raise _GroupBroke(root, f"Torch-Pruning cannot prune it ({describe_error(err)})") from err
+            if careful:
+                why = _forward_problem(pruned, inputs, expected)
+                if why:
+                    raise _GroupBroke(root, why)
+        if not careful:
+            why = _forward_problem(pruned, inputs, expected)
+            if why:
+                raise _GroupBroke(None, why)
+
+
+_MAX_BROKEN_GROUPS = 12
+
+
+def _prune_keeping_broken_groups(
+    base: nn.Module, inputs: tuple[Tensor, ...], fixed: Sequence[str], kept: dict[str, str], **options: Any
+) -> nn.Module:
+    """Prune a copy of `base`; a group that breaks the model is added to `kept` (path -> reason)
+    and pruning starts again from `base` without it. `fixed` paths are always ignored."""
+    cls = type(base).__name__
+    careful, broken = False, 0
+    while True:
+        work = copy.deepcopy(base)
+        ignored = [work.get_submodule(p) for p in (*fixed, *kept)]
+        try:
+            _run_pruner(work, inputs, ignored, careful=careful, **options)
+            return work
+        except _GroupBroke as broke:
+            if broke.layer is None and not careful:
+                careful = True  # find the group: prune again, running the model after each one
+                continue
+            if broke.layer is None or broke.layer in kept:
+                raise PruneRefused(f"structured pruning of {cls} breaks the model: {broke.why}; "
+                                   "use prune.pruner.method: magnitude") from None
+            kept[broke.layer] = broke.why
+            broken += 1
+            if broken > _MAX_BROKEN_GROUPS:
+                listed = ", ".join(list(kept)[-broken:][:8])
+                raise PruneRefused(
+                    f"structured pruning of {cls}: pruning breaks the model in more than {_MAX_BROKEN_GROUPS} layer "
+                    f"groups ({listed}, ...; e.g. {one_line(broke.why, 160)}); add them to "
+                    "prune.pruner.ignored_layers or use prune.pruner.method: magnitude") from None
+        except PruneRefused:
+            raise
+        except Exception as err:  # anything else from inside Torch-Pruning: one line, never its traceback
+            raise PruneRefused(f"structured pruning of {cls} failed in Torch-Pruning: {describe_error(err)}") from None
 
 
 def prune_structured(
@@ -197,6 +288,12 @@ def prune_structured(
     of it (hardware-friendly widths). Taylor importance needs `taylor_batches` of (inputs,
     targets); they are held in memory and back-propagated through `loss_fn` (cross-entropy by
     default) before each of the `iterative_steps`, so a few batches are enough.
+
+    Layer groups Torch-Pruning cannot handle (channels through a channel shuffle or split, or a
+    group whose pruning breaks the forward pass) are kept whole and listed with the reason in
+    `settings["kept_layers"]`; add them to `ignored_layers` to skip the retry. A model that
+    cannot be pruned at all raises `PruneRefused` (a ValueError, one line, never a Torch-Pruning
+    traceback); `check_prunable` finds that before any pruning.
     """
     _check_structured_args(importance, ratio, iterative_steps, round_to, max_layer_ratio)
     inputs = _as_tuple(example_inputs)
@@ -216,19 +313,25 @@ def prune_structured(
             f"{param.device}; move them to the same device"
         )
 
-    pruned = copy.deepcopy(model)
-    order = _layer_call_order(pruned, inputs)
+    base = copy.deepcopy(model)
+    order = _layer_call_order(base, inputs)
     if not order:
         raise ValueError("the model calls no Conv or Linear layer; nothing to prune")
-    ignored = [pruned.get_submodule(p) for p in (order[-1], *ignored_layers)]
-    out_before = _run_eval(pruned, inputs)
-    macs_before, params_before = count_macs_params(pruned, inputs)
-    widths_before = _layer_widths(pruned)
+    fixed = (order[-1], *ignored_layers)
+    graph = inspect_graph(base, inputs, [base.get_submodule(p) for p in fixed])
+    if graph.problems:
+        raise PruneRefused(graph.problems[0])
+    kept = dict(graph.kept)
+    out_before = _run_eval(base, inputs)
+    macs_before, params_before = count_macs_params(base, inputs)
+    widths_before = _layer_widths(base)
 
-    _run_pruner(
-        pruned,
+    pruned = _prune_keeping_broken_groups(
+        base,
         inputs,
-        ignored,
+        fixed,
+        kept,
+        expected=out_before,
         importance=importance,
         ratio=ratio,
         global_pruning=global_pruning,
@@ -278,5 +381,6 @@ def prune_structured(
             "max_layer_ratio": max_layer_ratio,
             "classifier": order[-1],
             "ignored_layers": list(ignored_layers),
+            "kept_layers": dict(kept),
         },
     )

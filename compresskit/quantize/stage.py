@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compresskit import stagekit as sk
+from compresskit.budget import accuracy_loss_check
 from compresskit.stage import StageContext, StageError, StageResult
 from compresskit.stages import QuantizeJob
 
@@ -90,9 +91,12 @@ def run(ctx: StageContext, job: QuantizeJob) -> StageResult:
         test_acc = sk.evaluate(qmodel, data, "test", device)
         out = ctx.dir / "qat.pt"
         save_checkpoint(out, qmodel.cpu(), ckpt["spec"], pruning=ckpt.get("pruning"), qat=qat.qat_state(qmodel),
-                        meta={"stage": "quantize", "test_accuracy": test_acc})
+                        meta={"stage": "quantize", "test_accuracy": test_acc}, preprocess=data.checkpoint_preprocess())
         outputs["qat"] = out
-        metrics["qat"] = {"fit": res.to_json(), "val_accuracy": res.best_val_accuracy, "test_accuracy_torch": test_acc}
+        metrics["qat"] = {"fit": res.to_json(), "val_accuracy": res.best_val_accuracy, "test_accuracy_torch": test_acc,
+                          "accuracy_check": accuracy_loss_check(
+                              "QAT", "float model", test_acc, (ckpt.get("meta") or {}).get("test_accuracy"),
+                              q.qat.max_accuracy_loss, "quantize.qat.max_accuracy_loss")}
     sk.cleanup_resume(ctx.dir)
     return StageResult(outputs, metrics, _summary(job, metrics))
 
@@ -108,4 +112,5 @@ def _summary(job: QuantizeJob, metrics: dict[str, Any]) -> str:
         parts.append(f"PTQ {p.activation_type[0].upper()}8{p.weight_type[0].upper()}8")
     if "qat" in metrics:
         parts.append(f"QAT test {metrics['qat']['test_accuracy_torch']:.2%} (fake-quant, torch)")
-    return ", ".join(parts)
+    warning = (metrics.get("qat") or {}).get("accuracy_check", {}).get("warning")
+    return ", ".join(parts) + (f"; WARNING: {warning}" if warning else "")

@@ -14,6 +14,7 @@ A report from your own measurements::
 """
 
 from compresskit.report.document import REPORT_SCHEMA, REPORT_SCHEMA_VERSION, build_report, load_report
+from compresskit.report.html import REPORT_HTML, render_html, write_html
 from compresskit.report.render import (
     REPORT_JSON,
     REPORT_MD,
@@ -24,17 +25,20 @@ from compresskit.report.render import (
     model_table,
     render_console_table,
     render_markdown,
+    report_warnings,
     table_setting,
     write_report,
 )
-from compresskit.report.rows import STAGE_OF, evidence, model_rows
+from compresskit.report.rows import STAGE_OF, accuracy_warnings, evidence, model_rows
 
 __all__ = [
+    "REPORT_HTML",
     "REPORT_JSON",
     "REPORT_MD",
     "REPORT_SCHEMA",
     "REPORT_SCHEMA_VERSION",
     "STAGE_OF",
+    "accuracy_warnings",
     "build_report",
     "evidence",
     "fmt_count",
@@ -45,7 +49,10 @@ __all__ = [
     "model_rows",
     "model_table",
     "render_console_table",
+    "render_html",
     "render_markdown",
+    "report_warnings",
     "table_setting",
+    "write_html",
     "write_report",
 ]

@@ -1,17 +1,19 @@
 """The report stage: rows from the bench stage's measurements, the budget verdict (the deployment
-policy in `compresskit.budget`), report.json / report.md, and the chosen model copied to
-``deployed.onnx`` with its measured figures in its metadata. No torch."""
+policy in `compresskit.budget`), report.json / report.md / report.html, and the chosen model copied to
+``deployed.onnx`` with its measured figures in its metadata (the report names its path and sha256). No
+torch."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from compresskit.artifacts import read_metrics
+from compresskit.artifacts import read_metrics, sha256_file
 from compresskit.budget import decide
 from compresskit.report.document import build_report
+from compresskit.report.html import write_html
 from compresskit.report.render import write_report
-from compresskit.report.rows import evidence, model_rows
+from compresskit.report.rows import evidence, model_rows, stage_summary
 from compresskit.stage import StageContext, StageResult
 from compresskit.stages import STAGES, ReportJob
 
@@ -45,16 +47,30 @@ def run(ctx: StageContext, job: ReportJob) -> StageResult:
         o = seen.get(stage.name)
         status = o.status if o else ("cached" if stage.name in stage_metrics else "not run")
         stages.append({"name": stage.name, "wall_s": o.wall_s if o else 0.0, "cached": status == "cached",
-                       "status": status, "summary": o.summary if o else ""})
-    rep = build_report(run=job.run, config=job.config, rows=rows, verdict=verdict, environment=environment(),
-                       stages=stages, evidence=evidence(stage_metrics), reference_model="teacher")
-    json_path, md_path = write_report(Path(job.report_dir), rep)
-    outputs = {"report_json": json_path, "report_md": md_path}
+                       "status": status, "summary": stage_summary(o.summary if o else "")})
+    env = environment()
+    load = (stage_metrics.get("bench") or {}).get("load")
+    if load:  # other processes' CPU use while the bench stage timed (in cores; None off Linux)
+        env["busy_fraction"] = load.get("busy_fraction")
+        env["bench_load"] = dict(load)
+    # the deployed file first, so the report can name it with its sha256
     row = next((r for r in rows if r["name"] == verdict.get("model")), None)
-    deployed = None
+    deployed, deployed_info = None, None
     if row is not None and row["name"] in ctx.inputs:
         deployed = _write_deployed(ctx.dir / "deployed.onnx", ctx.inputs[row["name"]], row, verdict, job.run)
+        deployed_info = {"model": row["name"], "path": str(deployed), "sha256": sha256_file(deployed),
+                         "size_bytes": deployed.stat().st_size}
+    rep = build_report(run=job.run, config=job.config, rows=rows, verdict=verdict, environment=env,
+                       stages=stages, evidence=evidence(stage_metrics), reference_model="teacher")
+    rep["deployed"] = deployed_info
+    json_path, md_path = write_report(Path(job.report_dir), rep)
+    html_path = write_html(Path(job.report_dir), rep)
+    outputs = {"report_json": json_path, "report_md": md_path, "report_html": html_path}
+    if deployed is not None:
         outputs["deployed"] = deployed
     metrics = {"verdict": verdict, "report_json": str(json_path), "report_md": str(md_path),
-               "deployed": str(deployed) if deployed else None, "report": rep}
-    return StageResult(outputs, metrics, f"{'PASS' if verdict['passed'] else 'FAIL'}: deploy {verdict.get('model')}")
+               "report_html": str(html_path), "deployed": str(deployed) if deployed else None,
+               "deployed_sha256": deployed_info["sha256"] if deployed_info else None, "report": rep}
+    sha = f" (sha256 {deployed_info['sha256'][:12]}...)" if deployed_info else ""
+    return StageResult(outputs, metrics,
+                       f"{'PASS' if verdict['passed'] else 'FAIL'}: deploy {verdict.get('model')}{sha}")

@@ -36,26 +36,27 @@ def load_teacher(files: dict[str, Path], use: TeacherUse):
 
 def _one_teacher(ctx: StageContext, job: TeacherJob, data, device, model_cfg, checkpoint: Path | None,
                  seed: int, desc: str, where: str):
-    """Train (or load) one teacher: returns (model, spec, pruning, qat, metrics)."""
+    """Train (or load) one teacher: returns (model, spec, pruning, qat, metrics).
+
+    A checkpoint must fit the architecture and the data (classes, channels, recorded
+    preprocessing; `teacher.preprocess_mismatch` says what a different normalisation does): the
+    same checks as `compresskit.preflight`, which refuses it before the run starts."""
     import torch
 
-    from compresskit.checkpoint import model_from_checkpoint, read_checkpoint
+    from compresskit.checkpoint import load_for_data
     from compresskit.nets import build_model
 
     spec = sk.model_spec(model_cfg, data)
     metrics: dict[str, Any] = {}
     if checkpoint is not None:
         try:
-            ckpt = read_checkpoint(Path(checkpoint))
-            model = model_from_checkpoint(ckpt, spec)
-        except (ValueError, RuntimeError) as err:
-            raise StageError(f"{where} {checkpoint}: {err}") from None
+            model, ckpt, notes = load_for_data(Path(checkpoint), spec, data.checkpoint_preprocess(),
+                                               job.teacher.preprocess_mismatch)
+        except (ValueError, OSError) as err:
+            raise StageError(f"{where}: {err}") from None
         spec = ckpt.get("spec") or spec
-        want = (data.num_classes, data.in_channels)
-        if (spec["num_classes"], spec["in_channels"]) != want:
-            raise StageError(f"{where} {checkpoint} is for {spec['num_classes']} classes and "
-                             f"{spec['in_channels']} input channels; the data has {want[0]} and {want[1]}")
         metrics["loaded_from"] = str(checkpoint)
+        metrics |= notes
         return model, spec, ckpt.get("pruning"), ckpt.get("qat"), metrics
     train_cfg = job.teacher.train
     torch.manual_seed(seed)
@@ -79,7 +80,7 @@ def run(ctx: StageContext, job: TeacherJob) -> StageResult:
     metrics["val_accuracy"] = sk.evaluate(model, data, "val", device)
     metrics["test_accuracy"] = sk.evaluate(model, data, "test", device)
     metrics["params"] = count_params(model)
-    save_checkpoint(out, model.cpu(), spec, pruning=pruning, qat=qat,
+    save_checkpoint(out, model.cpu(), spec, pruning=pruning, qat=qat, preprocess=data.checkpoint_preprocess(),
                     meta={"stage": "teacher", "test_accuracy": metrics["test_accuracy"]})
     outputs = {"model": out}
     summary = f"test {metrics['test_accuracy']:.2%}, {metrics['params'] / 1e6:.2f}M params"
@@ -95,6 +96,7 @@ def run(ctx: StageContext, job: TeacherJob) -> StageResult:
             m_metrics["test_accuracy"] = sk.evaluate(m_model, data, "test", device)
             path = ctx.dir / f"member_{i + 1}.pt"
             save_checkpoint(path, m_model.cpu(), m_spec, pruning=m_pruning, qat=m_qat,
+                            preprocess=data.checkpoint_preprocess(),
                             meta={"stage": "teacher", "test_accuracy": m_metrics["test_accuracy"]})
             outputs[f"member_{i + 1}"] = path
             members.append(m_metrics)
@@ -130,7 +132,9 @@ def _train_specialists(ctx: StageContext, job: TeacherJob, data, device, general
         model = sp.train_specialist(generalist, spec, group, data, cfg.train, temperature=cfg.temperature,
                                     soft_weight=cfg.soft_weight, device=device, seed=job.seed + i,
                                     quiet=ctx.quiet, log=ctx.log)
+        classes = [data.class_names[c] for c in group] + ["(dustbin: every other class)"]
         save_checkpoint(ctx.dir / f"specialist_{i + 1}.pt", model.cpu(), sp.specialist_spec(spec, group),
+                        preprocess=data.preprocess() | {"class_names": classes},
                         meta={"stage": "teacher", "specialist_classes": group})
         info["specialists"].append({"classes": group})
     atomic_write_json(ctx.dir / "specialists.json", {"groups": groups})
