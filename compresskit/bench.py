@@ -679,7 +679,8 @@ def _interleaved_runs(
     """Time several sessions in alternation (round-robin) on fixed random inputs.
 
     Each model gets ``warmup`` untimed runs, then the models take turns: per turn one untimed
-    run (to bring its weights back into the caches the others used) and a burst of timed runs
+    run (to bring its weights back into the caches the others used, while the previous model's
+    worker threads stop spinning) and a burst of timed runs
     lasting about ``burst_ms`` (1 to ``MAX_BURST`` runs, from its median so far). A model leaves
     the rotation when, after ``min_runs``, its median is known to +-``target_rel_ci``
     ("precision"), at ``max_runs`` ("runs"), or when the pass has used ``max_seconds`` per model

@@ -599,6 +599,25 @@ def test_bench_model_skips_other_batches_of_fixed_batch_model(tmp_path):
         bench.bench_model(path, x=np.zeros((1, CIN, HW, HW), np.float32))
 
 
+def test_bench_model_and_models_record_machine_load(tmp_path, monkeypatch):
+    """Other processes' CPU use while timing: per entry and for the whole result."""
+    clock = {"wall": 0.0, "busy": 0.0, "own": 0.0}
+
+    def snapshot():  # every window: 1 s wall, 0.5 s own CPU, 0.7 s busy in all -> others 0.2 core
+        out = (clock["wall"], clock["busy"], clock["own"])
+        clock.update(wall=clock["wall"] + 1.0, busy=clock["busy"] + 0.7, own=clock["own"] + 0.5)
+        return out
+
+    monkeypatch.setattr(bench, "_cpu_snapshot", snapshot)
+    path = conv_net(tmp_path / "m.onnx")
+    res = bench.bench_model(path, batch_sizes=(1, 2), **FAST)
+    assert [e["busy_fraction"] for e in res["latency"]] == pytest.approx([0.2, 0.2])
+    assert res["busy_fraction"] == pytest.approx(0.2) and res["load"]["busy"]
+    both = bench.bench_models({"a": path, "b": conv_net(tmp_path / "b.onnx", seed=1)}, batch_sizes=(1,), **FAST)
+    assert both["a"]["busy_fraction"] == both["b"]["busy_fraction"] == pytest.approx(0.2)
+    assert both["a"]["latency"][0]["interleaved_with"] == ["b"]
+
+
 # --------------------------------------------------------------------------- envinfo
 
 X86_CPUINFO = """processor\t: 0

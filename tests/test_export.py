@@ -25,7 +25,7 @@ from compresskit.export import (
     parity_problem,
     preprocess_metadata,
 )
-from compresskit.export import run as export_run
+from compresskit.export.stage import run as export_run
 from compresskit.onnxutil import op_counts, read_metadata
 
 
