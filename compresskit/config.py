@@ -159,8 +159,45 @@ class CustomSpec(Strict):
                 cls.anchor_all(item, folder)
 
 
+class MBNetSpec(Strict):
+    arch: Literal["mbnet"] = Field(description="MobileNetV2-style net with configurable stages (what the student search varies); the defaults give mobilenetv2's layout.")
+    width_mult: float = Field(1.0, gt=0.0, le=4.0, description="Channel width multiplier (stem, stages).")
+    stem_channels: int = Field(32, ge=4, le=1024, description="Channels of the 3x3 stem convolution (times width_mult).")
+    stem_stride: Literal[1, 2] = Field(2, description="Stride of the stem convolution.")
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field([16, 24, 32, 64, 96, 160, 320], min_length=1, max_length=12, description="Base output channels of each stage (times width_mult).")
+    blocks: list[Annotated[int, Field(ge=0, le=16)]] = Field([1, 2, 3, 4, 3, 3, 1], min_length=1, max_length=12, description="Inverted-residual blocks per stage (0 drops the stage and its stride).")
+    strides: list[Literal[1, 2]] = Field([1, 2, 2, 2, 1, 1, 1], min_length=1, max_length=12, description="Stride of each stage's first block.")
+    expand: list[Annotated[float, Field(ge=1.0, le=12.0)]] = Field([1.0, 6.0, 6.0, 6.0, 6.0, 6.0, 6.0], min_length=1, max_length=12, description="Expansion ratio of each stage's blocks.")
+    kernel: list[Literal[3, 5, 7]] = Field([3, 3, 3, 3, 3, 3, 3], min_length=1, max_length=12, description="Depthwise kernel size of each stage's blocks.")
+    last_channel: int = Field(1280, ge=8, description="Channels of the final 1x1 convolution before pooling.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+
+    @model_validator(mode="after")
+    def _stages(self) -> MBNetSpec:
+        lengths = {len(self.channels), len(self.blocks), len(self.strides), len(self.expand), len(self.kernel)}
+        if len(lengths) != 1:
+            raise ValueError("channels, blocks, strides, expand and kernel need one entry per stage (the same length)")
+        if sum(self.blocks) < 1:
+            raise ValueError("blocks must hold at least one block")
+        return self
+
+
+class PlainConvSpec(Strict):
+    arch: Literal["plainconv"] = Field(description="Plain conv net: conv-BN-ReLU layers, global average pool, linear head (few operators: fast at batch 1).")
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field([16, 32, 64, 128], min_length=1, max_length=16, description="Output channels of each conv layer.")
+    strides: list[Literal[1, 2]] = Field([2, 1, 2, 1], min_length=1, max_length=16, description="Stride of each conv layer (same length as channels).")
+    kernel: Literal[1, 3, 5, 7] = Field(3, description="Kernel size of every conv layer.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+
+    @model_validator(mode="after")
+    def _layers(self) -> PlainConvSpec:
+        if len(self.channels) != len(self.strides):
+            raise ValueError("channels and strides need one entry per layer (the same length)")
+        return self
+
+
 ModelSpec = Annotated[
-    ResNetSpec | MobileNetV2Spec | MobileNetV3Spec | TorchvisionSpec | CustomSpec,
+    ResNetSpec | MobileNetV2Spec | MBNetSpec | PlainConvSpec | MobileNetV3Spec | TorchvisionSpec | CustomSpec,
     Field(discriminator="arch"),
 ]
 
@@ -435,7 +472,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-_UNION_TAGS = {"resnet", "mobilenetv2", "mobilenetv3", "torchvision", "custom", "ce", "kd",
+_UNION_TAGS = {"resnet", "mobilenetv2", "mbnet", "plainconv", "mobilenetv3", "torchvision", "custom", "ce", "kd",
                "fitnet", "at", "structured", "magnitude"}
 
 

@@ -9,6 +9,11 @@ Architectures:
 - `resnet`: a ResNet (basic blocks) for small inputs: 3x3 stem with configurable stride, no max-pool.
 - `mobilenetv2`: MobileNetV2 for small inputs: width multiplier, stem stride, per-stage strides,
   configurable head width.
+- `mbnet`: a MobileNetV2-style net with configurable stages (channels, blocks, strides, expansion
+  ratio and depthwise kernel per stage), stem and head width; with its defaults it has
+  `mobilenetv2`'s layout. The student search varies it (`compresskit.search`).
+- `plainconv`: a plain stack of conv-BN-ReLU layers, global average pool, linear head: few
+  operators, so fast at batch 1 where onnxruntime's per-operator dispatch dominates.
 - `mobilenetv3`: torchvision's MobileNetV3 small/large, adapted to the input channels and stem stride.
 - `torchvision`: any torchvision classifier by name.
 - `custom`: a user's `module:callable`, looked for in the spec's `search_path` (the pipeline
@@ -100,6 +105,92 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class MBConv(nn.Module):
+    """`mbnet`'s block: InvertedResidual with a configurable depthwise kernel (same layout and
+    module names: `conv.0` expand, `conv.1` depthwise, `conv.2` projection)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: float, kernel: int = 3) -> None:
+        super().__init__()
+        hidden = int(round(cin * expand))
+        self.use_residual = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(ConvBNAct(cin, hidden, k=1))
+        layers += [
+            ConvBNAct(hidden, hidden, k=kernel, stride=stride, groups=hidden),
+            ConvBNAct(hidden, cout, k=1, act=None),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+MBNET_CHANNELS = tuple(c for _, c, _ in MBV2_STAGES)
+MBNET_BLOCKS = tuple(n for _, _, n in MBV2_STAGES)
+MBNET_EXPAND = tuple(float(e) for e, _, _ in MBV2_STAGES)
+
+
+class MBNet(nn.Module):
+    """MobileNetV2-style net whose every stage is configurable: base channels (times
+    `width_mult`), blocks (0 drops the stage, its stride too), stride, expansion ratio and
+    depthwise kernel. The defaults give MobileNetV2's layout (`features`, `pool`, `classifier`)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0,
+                 stem_channels: int = 32, stem_stride: int = 2, channels: Sequence[int] = MBNET_CHANNELS,
+                 blocks: Sequence[int] = MBNET_BLOCKS, strides: Sequence[int] = (1, 2, 2, 2, 1, 1, 1),
+                 expand: Sequence[float] = MBNET_EXPAND, kernel: Sequence[int] = (3,) * 7,
+                 last_channel: int = 1280, dropout: float = 0.0) -> None:
+        super().__init__()
+        n = len(channels)
+        if not (len(blocks) == len(strides) == len(expand) == len(kernel) == n):
+            raise ValueError(f"mbnet: channels, blocks, strides, expand and kernel need one entry per stage; got "
+                             f"{len(channels)}, {len(blocks)}, {len(strides)}, {len(expand)}, {len(kernel)}")
+        if sum(blocks) < 1:
+            raise ValueError("mbnet: blocks must hold at least one block")
+        cin = make_divisible(stem_channels * width_mult)
+        layers: list[nn.Module] = [ConvBNAct(in_channels, cin, stride=stem_stride)]
+        for c, repeats, stride, e, k in zip(channels, blocks, strides, expand, kernel, strict=True):
+            cout = make_divisible(c * width_mult)
+            for i in range(repeats):
+                layers.append(MBConv(cin, cout, stride if i == 0 else 1, e, k))
+                cin = cout
+        layers.append(ConvBNAct(cin, last_channel, k=1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channel, num_classes))
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class PlainConvNet(nn.Module):
+    """conv-BN-ReLU layers (`channels[i]` out, `strides[i]`, `kernel` x `kernel`), global average
+    pool, linear head. No branches and no depthwise convolutions: every conv fuses with its ReLU
+    into one INT8 kernel, so the graph has about one operator per layer."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, channels: Sequence[int] = (16, 32, 64, 128),
+                 strides: Sequence[int] = (2, 1, 2, 1), kernel: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"plainconv: channels and strides need one entry per layer; got {len(channels)}, "
+                             f"{len(strides)}")
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for c, s in zip(channels, strides, strict=True):
+            layers.append(ConvBNAct(cin, c, k=kernel, stride=s, act=nn.ReLU))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(cin, num_classes))
         _init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +428,15 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         return MobileNetV2(num_classes, in_channels, spec.get("width_mult", 1.0),
                            spec.get("stem_stride", 2), tuple(spec.get("stage_strides", (1, 2, 2, 2, 1, 1, 1))),
                            spec.get("last_channel", 1280), spec.get("dropout", 0.0))
+    if arch == "mbnet":
+        return MBNet(num_classes, in_channels, spec.get("width_mult", 1.0), spec.get("stem_channels", 32),
+                     spec.get("stem_stride", 2), tuple(spec.get("channels", MBNET_CHANNELS)),
+                     tuple(spec.get("blocks", MBNET_BLOCKS)), tuple(spec.get("strides", (1, 2, 2, 2, 1, 1, 1))),
+                     tuple(spec.get("expand", MBNET_EXPAND)), tuple(spec.get("kernel", (3,) * 7)),
+                     spec.get("last_channel", 1280), spec.get("dropout", 0.0))
+    if arch == "plainconv":
+        return PlainConvNet(num_classes, in_channels, tuple(spec.get("channels", (16, 32, 64, 128))),
+                            tuple(spec.get("strides", (2, 1, 2, 1))), spec.get("kernel", 3), spec.get("dropout", 0.0))
     if arch == "resnet":
         return ResNet(num_classes, in_channels, tuple(spec.get("blocks", (2, 2, 2, 2))),
                       spec.get("width", 64), spec.get("stem_stride", 1))

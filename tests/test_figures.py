@@ -450,3 +450,8 @@ def test_report_stage_writes_sha256_busy_and_annotated_summaries(tmp_path):
     assert distill["summary"] == "student test 91.76%, 0.276M params (torch count)"
     assert "BatchNorm included" in html
     assert rep["deployed"]["sha256"][:12] in result.summary
+
+
+def test_stage_summary_with_other_parentheses():
+    assert report_rows.stage_summary("student test 100.00%, 0.136M params (no-KD baseline 100.00%)") == \
+        "student test 100.00%, 0.136M params (torch count) (no-KD baseline 100.00%)"

@@ -28,6 +28,15 @@ TORCH_FREE = [
     "compresskit.report.html",
     "compresskit.budget",
     "compresskit.quantize.search",
+    "compresskit.stage",
+    "compresskit.stages",
+    "compresskit.pipeline",
+    "compresskit.cli",
+    "compresskit.gate",
+    "compresskit.bundle",
+    "compresskit.report.device",
+    "compresskit.report.stage",
+    "compresskit.quantize.stage",
 ]
 # Torch-free by design, written elsewhere; checked once they exist.
 OPTIONAL = {"compresskit.config": "config.py", "compresskit.quantize.ptq": "quantize/ptq.py"}

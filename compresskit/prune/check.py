@@ -154,7 +154,7 @@ class _OpaqueMixing(TorchFunctionMode):
             out = func(*args, **kwargs)
             if not _reshape_mixes(args[0], out):
                 return out
-            found = "channel shuffle", f"{_func_name(func)} {tuple(args[0].shape)} -> {tuple(out.shape)}"
+            found = "channel shuffle or regrouping", f"{_func_name(func)} {tuple(args[0].shape)} -> {tuple(out.shape)}"
         elif found is None:
             return func(*args, **kwargs)
         kind, detail = found

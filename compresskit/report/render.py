@@ -349,7 +349,9 @@ def load_rows(report: Mapping) -> list[list[str]]:
         return []
     frac = (load or {}).get("busy_fraction", env.get("busy_fraction"))
     if frac is None:
-        return [["other processes' CPU use while timing", "unknown (measured on Linux only, over >= 0.5 s)"]]
+        short = load and load.get("other_cpu_s") is not None and (load.get("wall_s") or 0) < 0.5
+        return [["other processes' CPU use while timing",
+                  "unknown: timing too short to tell (< 0.5 s)" if short else "unknown (measured on Linux only)"]]
     text = f"{frac:.0%} of one core on average"
     threshold = (load or {}).get("threshold", 0.10)
     text += (f": BUSY (above {threshold:.0%}), latencies may be inflated and noisy" if frac > threshold

@@ -81,7 +81,7 @@ def accuracy_warnings(stage_metrics: Mapping[str, Mapping]) -> list[str]:
 PARAMS_NOTE = ("parameter counts in stage summaries are PyTorch's (every trainable tensor, BatchNorm included); the "
                "report's tables count the ONNX graph's weights after BatchNorm folding, which is what ships")
 _SUMMARY_QUALIFIERS = (
-    (re.compile(r"\bparams\b(?! \()"), "params (torch count)"),
+    (re.compile(r"\bparams\b(?! \(torch count\))"), "params (torch count)"),
     (re.compile(r"\bFP32 latency x(\d+(?:\.\d+)?)"), r"FP32 latency x\1 (prune stage's probe, not the bench pass)"),
 )
 
