@@ -128,6 +128,7 @@ def bench(
     data: Annotated[Path | None, typer.Option(help=".npz with arrays x (N,C,H,W float32, preprocessed) and y (N,) for accuracy; checked against the model's recorded preprocessing (write one with `compresskit npz`).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here (one model: its result; several: {\"models\": {name: result}}).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines on stderr (warnings are still printed).")] = False,
+    providers: Annotated[str, typer.Option(help="Comma-separated onnxruntime execution providers in priority order (e.g. XNNPACKExecutionProvider,CPUExecutionProvider); recorded in the results.")] = "CPUExecutionProvider",
 ) -> None:
     """Measure latency (and accuracy) of ONNX models with onnxruntime, and how close they run to the CPU's peak. Needs no torch.
 
@@ -184,7 +185,8 @@ def bench(
 
     try:
         results = bench_models(names, batch_sizes=bs, threads=th, warmup=warmup, max_seconds=max_seconds,
-                               target_rel_ci=target_rel_ci, x=x, y=y, progress=None if quiet else progress)
+                               target_rel_ci=target_rel_ci, x=x, y=y, progress=None if quiet else progress,
+                               providers=[p.strip() for p in providers.split(",") if p.strip()])
     except ValueError as err:
         err_console.print(f"error {err}")
         raise typer.Exit(2) from None

@@ -394,6 +394,114 @@ class BudgetConfig(Strict):
     reference_model: Literal["student", "pruned", "teacher"] = Field("student", description="FP32 model that max_accuracy_drop is measured against.")
 
 
+# ------------------------------------------------------------------ student search (compresskit search)
+
+class RangeSpec(Strict):
+    low: float = Field(description="Lowest value.")
+    high: float = Field(description="Highest value.")
+    log: bool = Field(False, description="Sample on a log scale.")
+    integer: bool = Field(False, description="Integer values (low and high are rounded).")
+
+    @model_validator(mode="after")
+    def _order(self) -> RangeSpec:
+        if self.high < self.low or (self.log and self.low <= 0):
+            raise ValueError("need low <= high (and low > 0 with log)")
+        return self
+
+
+class PlainConvSpace(Strict):
+    enabled: bool = Field(True, description="Search plain conv nets (arch plainconv).")
+    depth: list[Annotated[int, Field(ge=1, le=16)]] = Field([3, 4, 5], min_length=1, description="Conv layers: the choices.")
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field([16, 24, 32, 48, 64, 96, 128], min_length=1, description="Output channels of each layer: the choices (one pick per layer).")
+    stride_patterns: list[list[Literal[1, 2]]] = Field([[2, 1, 2, 1, 1, 1]], min_length=1, description="Stride patterns: layer i takes pattern[i]; each pattern needs at least max(depth) entries.")
+    kernel: list[Literal[1, 3, 5, 7]] = Field([3], min_length=1, description="Kernel size: the choices.")
+
+    @model_validator(mode="after")
+    def _patterns(self) -> PlainConvSpace:
+        if any(len(p) < max(self.depth) for p in self.stride_patterns):
+            raise ValueError(f"every stride pattern needs at least max(depth) = {max(self.depth)} entries")
+        return self
+
+
+class MBNetSpace(Strict):
+    enabled: bool = Field(True, description="Search MobileNet-style nets (arch mbnet).")
+    width_mult: list[Annotated[float, Field(gt=0.0, le=4.0)]] = Field([0.25, 0.35, 0.5], min_length=1, description="Width multiplier: the choices.")
+    stem_stride: list[Literal[1, 2]] = Field([2], min_length=1, description="Stem stride: the choices.")
+    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field([16, 24, 32, 64, 96, 160, 320], min_length=1, max_length=12, description="Base channels of the stages (the template; times width_mult).")
+    strides: list[Literal[1, 2]] = Field([1, 1, 2, 2, 1, 2, 1], min_length=1, max_length=12, description="Stride of each stage (the template).")
+    blocks: list[Annotated[int, Field(ge=0, le=16)]] = Field([0, 1, 2], min_length=1, description="Blocks per stage: the choices, one pick per stage (a stride-2 stage keeps at least 1 block, so the downsampling stays).")
+    expand: list[Annotated[float, Field(ge=1.0, le=12.0)]] = Field([3.0, 6.0], min_length=1, description="Expansion ratio of every stage but the first (which keeps 1): the choices.")
+    kernel: list[Literal[3, 5, 7]] = Field([3], min_length=1, description="Depthwise kernel size of every stage: the choices.")
+    last_channel: list[Annotated[int, Field(ge=8)]] = Field([128, 256], min_length=1, description="Head width (final 1x1 conv): the choices.")
+
+    @model_validator(mode="after")
+    def _template(self) -> MBNetSpace:
+        if len(self.channels) != len(self.strides):
+            raise ValueError("channels and strides need one entry per stage (the same length)")
+        return self
+
+
+class FactorySpace(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=60, description="Family name in the trial table.")
+    model: ModelSpec = Field(description="A torchvision or custom model spec; the sampled values go into its kwargs.")
+    space: dict[str, list[Any] | RangeSpec] = Field(min_length=1, description="kwarg -> list of choices, or {low, high, log, int}.")
+
+    @model_validator(mode="after")
+    def _kind(self) -> FactorySpace:
+        if self.model.arch not in ("torchvision", "custom"):
+            raise ValueError("model must be {arch: torchvision, ...} or {arch: custom, ...} (its kwargs are searched)")
+        if any(isinstance(v, list) and not v for v in self.space.values()):
+            raise ValueError("every list of choices needs at least one value")
+        return self
+
+
+class SearchFamilies(Strict):
+    plainconv: PlainConvSpace = Field(default_factory=PlainConvSpace, description="Plain conv nets.")
+    mbnet: MBNetSpace = Field(default_factory=MBNetSpace, description="MobileNet-style nets.")
+    factories: list[FactorySpace] = Field(default_factory=list, description="torchvision classifiers or your factories, each with a declared parameter space.")
+
+
+def _default_recipes() -> list[list[LossTerm]]:
+    return [[CETerm(method="ce", weight=1.0)], default_kd_loss()]
+
+
+class SearchConfig(Strict):
+    n_trials: int = Field(30, ge=1, le=100000, description="Trials in the study in all (a resumed search or a worker runs only the missing ones).")
+    timeout_s: float | None = Field(None, gt=0.0, description="Stop starting trials after this many seconds (this process).")
+    seed: int = Field(0, description="Sampler seed (a --worker adds its process id, so workers do not draw the same candidates).")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    pruner: Literal["successive_halving", "hyperband", "median", "none"] = Field("successive_halving", description="Optuna pruner over the proxy epochs.")
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<models_dir>/<name>/search/study.db. Use PostgreSQL (postgresql://user:pw@host/db) for workers on several machines.")
+    families: SearchFamilies = Field(default_factory=SearchFamilies, description="Student architecture families and their ranges.")
+    recipes: list[list[LossTerm]] = Field(default_factory=_default_recipes, min_length=1, description="Distillation recipes tried (each a distill.loss list; [{method: ce, weight: 1.0}] is 'no KD'). Logit terms only: module paths differ between architectures.")
+    temperatures: list[Annotated[float, Field(gt=0.0, le=100.0)]] | None = Field(None, min_length=1, description="Also search the temperature of the recipes' kd/dkd/dist terms over these values.")
+    proxy_epochs: int = Field(2, ge=1, le=1000, description="Epochs of the proxy training every surviving candidate gets (val accuracy reported to the pruner after each).")
+    proxy_max_batches: int | None = Field(100, ge=1, description="Batches per proxy epoch (null: the whole training set).")
+    full_epochs: int | None = Field(None, ge=1, le=10000, description="Epochs of the finalists' full training (default: distill.train.epochs).")
+    top_k: int = Field(2, ge=1, le=100, description="Finalists trained fully, INT8-quantized and measured.")
+    accuracy_tie: float = Field(0.0, ge=0.0, le=1.0, description="Accuracies within this of the best count as tied; the fastest of them wins (fraction, 0.002 = 0.2 pt).")
+    max_latency_ratio: float | None = Field(None, gt=0.0, description="Relative latency budget: at most this times latency_reference's p50 (measured the same way, here); combined with budgets.max_latency_ms (the smaller wins).")
+    latency_reference: ModelSpec | None = Field(None, description="The model max_latency_ratio refers to (default: distill.student, the hand-picked student).")
+    latency_table: Path | None = Field(None, strict=False, description="JSON file: canonical spec key -> p50 ms measured on the target device; replaces measuring here.")
+    latency_table_missing: Literal["drop", "measure"] = Field("drop", description="A candidate missing from latency_table: drop it, or measure it here.")
+    calib_images: int = Field(32, ge=1, le=4096, description="Training images that calibrate the untrained candidates' screening INT8 models.")
+    screen_max_seconds: float = Field(0.5, gt=0.0, description="Timing budget per screened candidate.")
+    format_search: bool = Field(True, description="Finalists: choose the INT8 format by measuring (quantize.ptq.search's candidates); false: U8S8 per-tensor, as screened. Always U8S8 per-tensor with a latency_table.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        f = self.families
+        if not (f.plainconv.enabled or f.mbnet.enabled or f.factories):
+            raise ValueError("families: enable at least one family")
+        for i, recipe in enumerate(self.recipes):
+            for j, term in enumerate(recipe):
+                if term.module_paths():
+                    raise ValueError(f"recipes.{i}.{j}: {term.method} reads module paths, which differ between candidate architectures; use logit terms (ce, kd, dkd, dist)")
+                if term.method == "ensemble":
+                    raise ValueError(f"recipes.{i}.{j}: the search uses a single teacher; no 'ensemble' term")
+        return self
+
+
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100,
                       description="Run name: artifacts go to <models_dir>/<name>/, reports to <reports_dir>/<name>/.")
@@ -411,6 +519,7 @@ class PipelineConfig(Strict):
     bench: BenchConfig = Field(default_factory=BenchConfig, description="Benchmark stage.")
     budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="CI budgets for the deployed model.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Optional experiment tracking (MLflow, TensorBoard); no stage reads it.")
+    search: SearchConfig | None = Field(None, description="Student search (compresskit search): families, recipes, budgets' fidelity; no stage reads it.")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

@@ -468,3 +468,14 @@ def test_check_gates_on_device_rows(fake_run, device_result, tmp_path):
     assert ok.exit_code == 0 and "device testdev: PASS" in ok.output
     slow = CliRunner().invoke(app, ["check", str(report_json), "--device-max-latency-ms", "0.000001"])
     assert slow.exit_code == 1 and "device testdev: FAIL" in slow.output
+
+
+def test_bench_command_takes_providers(fake_run, tmp_path):
+    model = fake_run["run_dir"] / "export" / "ptq.onnx"
+    out = tmp_path / "b.json"
+    ok = CliRunner().invoke(app, ["bench", str(model), "--batch-sizes", "1", "--max-seconds", "0.05", "-q",
+                                  "--json", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(out.read_text())["providers"] == ["CPUExecutionProvider"]
+    bad = CliRunner().invoke(app, ["bench", str(model), "--providers", "NoSuchExecutionProvider"])
+    assert bad.exit_code == 2 and "NoSuchExecutionProvider" in bad.output
