@@ -22,17 +22,16 @@ from compresskit.budget import find_latency, format_budget_value, verdict_rows
 from compresskit.report.render import (
     LATENCY_NOTE,
     _fmt,
-    _md_peak_rows,
     budget_label,
     budget_reference,
     deployed_text,
+    environment_rows,
     fmt_ci,
     fmt_count,
     fmt_seconds,
     fmt_size,
     int8_search_parts,
     latency_table,
-    load_rows,
     model_table,
     models_note,
     pruning_parts,
@@ -528,25 +527,7 @@ def _stages(report: Mapping) -> list[tuple[str, str, str]]:
 
 
 def _environment(report: Mapping) -> list[tuple[str, str, str]]:
-    env = report.get("environment") or {}
-    cpu = env.get("cpu") or {}
-    threads = sorted({e.get("threads") for r in _host_rows(report) for e in r.get("latency") or []} - {None})
-    versions = env.get("versions") or {}
-    int8_dot = cpu.get("int8_dot")
-    body = [
-        ["CPU", cpu.get("model") or "-"],
-        ["architecture", cpu.get("architecture") or "-"],
-        ["cores (logical / usable)", f"{cpu.get('logical_cores', '-')} / {cpu.get('usable_cores', '-')}"],
-        ["ISA flags", ", ".join(cpu.get("isa_flags") or []) or "-"],
-        ["INT8 dot-product instructions", "-" if int8_dot is None else "yes" if int8_dot else "no"],
-        ["OS", env.get("platform") or env.get("os") or "-"],
-        ["Python", env.get("python") or "-"],
-        ["libraries", ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "-"],
-        ["onnxruntime providers", ", ".join(env.get("onnxruntime_providers") or []) or "-"],
-        ["benchmark threads", ", ".join(str(t) for t in threads) or "-"],
-        *load_rows(report),
-        *_md_peak_rows(report, cpu),
-    ]
+    body = environment_rows(report, _host_rows(report))
     return [_section("environment", "Environment", [_table(["item", "value"], body)])]
 
 

@@ -312,21 +312,19 @@ def _md_stages(report: Mapping) -> list[str]:
     return ["## Stages", ""] + (_md_table(header, body) if body else ["No stages recorded."])
 
 
-def _md_environment(report: Mapping) -> list[str]:
+def environment_rows(report: Mapping, rows: Sequence[Mapping] | None = None) -> list[list[str]]:
+    """(item, value) rows saying where the figures were measured; `rows` are the models whose
+    thread settings are listed (default: all rows)."""
     env = report.get("environment") or {}
     cpu = env.get("cpu") or {}
-    threads = sorted(
-        {e.get("threads") for r in report.get("rows", []) for e in r.get("latency") or []} - {None}
-    )
+    rows = report.get("rows", []) if rows is None else rows
+    threads = sorted({e.get("threads") for r in rows for e in r.get("latency") or []} - {None})
     versions = env.get("versions") or {}
     int8_dot = cpu.get("int8_dot")
-    body = [
+    return [
         ["CPU", cpu.get("model") or "-"],
         ["architecture", cpu.get("architecture") or "-"],
-        [
-            "cores (logical / usable)",
-            f"{cpu.get('logical_cores', '-')} / {cpu.get('usable_cores', '-')}",
-        ],
+        ["cores (logical / usable)", f"{cpu.get('logical_cores', '-')} / {cpu.get('usable_cores', '-')}"],
         ["ISA flags", ", ".join(cpu.get("isa_flags") or []) or "-"],
         ["INT8 dot-product instructions", "-" if int8_dot is None else "yes" if int8_dot else "no"],
         ["OS", env.get("platform") or env.get("os") or "-"],
@@ -337,7 +335,10 @@ def _md_environment(report: Mapping) -> list[str]:
         *load_rows(report),
         *_md_peak_rows(report, cpu),
     ]
-    return ["## Environment", ""] + _md_table(["item", "value"], body)
+
+
+def _md_environment(report: Mapping) -> list[str]:
+    return ["## Environment", ""] + _md_table(["item", "value"], environment_rows(report))
 
 
 def load_rows(report: Mapping) -> list[list[str]]:
