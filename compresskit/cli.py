@@ -118,6 +118,62 @@ def run(
 
 
 @app.command()
+def search(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file; its `search:` section holds the space and settings (defaults when absent).")],
+    set_: SetOpt = None,
+    trials: Annotated[int | None, typer.Option("--trials", "-n", min=1, help="Trials in the study in all (default: search.n_trials); a resumed search or a worker runs only the missing ones.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.0, help="Start no new trial after this many seconds (default: search.timeout_s); the finalists still train.")] = None,
+    worker: Annotated[bool, typer.Option("--worker", help="Only run trials of the shared study (no finalists): extra processes for one search; the plain command trains the finalists.")] = False,
+    storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: search.storage, else sqlite:///<models_dir>/<name>/search/study.db); PostgreSQL for workers on several machines.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars while the finalists train.")] = False,
+) -> None:
+    """Search the student under the budgets: latency first, short proxy trainings, then full
+    training of the best; writes models/<run>/search/ (trials.json, trials.md, chosen.yaml).
+
+    Exit codes: 0 a candidate meets every budget (or a worker finished); 1 none does (the best
+    model found is kept and the failed budgets are named); 2 bad input; 130 interrupted (re-run
+    the same command to resume).
+    """
+    cfg = _load(pipeline, set_)
+    from compresskit.config import apply_overrides, load_raw
+    from compresskit.search import run_search
+    from compresskit.stage import InputError
+
+    raw = apply_overrides(load_raw(pipeline), list(set_ or []))
+    try:
+        result = run_search(cfg, n_trials=trials, timeout_s=timeout, worker=worker, storage=storage, raw=raw,
+                            quiet=quiet, log=lambda m: console.print(m, highlight=False, markup=False))
+    except InputError as err:  # data, latency table, optuna missing
+        err_console.print(f"[red]error[/red] {err}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished trials are kept in the study; re-run the same command to resume")
+        raise typer.Exit(130) from None
+    table = Table(title=f"search {cfg.name}: {len(result.trials)} trials")
+    for col in ("#", "family", "architecture", "recipe", "status", "p50 ms", "proxy val", "INT8 val", "note"):
+        table.add_column(col)
+    for r in result.table():
+        table.add_row(str(r["#"]), r["family"] or "", r["architecture"] or "", r["recipe"] or "", r["status"] or "",
+                      f"{r['p50 ms']:.3f}" if r["p50 ms"] is not None else "",
+                      f"{r['proxy val']:.2%}" if r["proxy val"] is not None else "",
+                      f"{r['INT8 val']:.2%}" if r["INT8 val"] is not None else "", r["note"][:60])
+    console.print(table)
+    console.print(f"records: {result.files['trials_md']}", highlight=False)
+    if worker:
+        return
+    if result.chosen is not None:
+        c = result.chosen
+        console.print(f"[green]chosen[/green] trial {c['number']}: {c['label']} + {c['recipe_label']}: INT8 val "
+                      f"{c['int8_val_accuracy']:.2%}, test {c['int8_test_accuracy']:.2%}, p50 {c['p50_ms']:.3f} ms; "
+                      f"re-run without search: compresskit run {result.files['chosen_yaml']}", highlight=False)
+        return
+    console.print("[red]no candidate meets the budgets[/red]: " + "; ".join(result.failed_budgets), highlight=False)
+    if result.best is not None:
+        console.print(f"best found kept: {result.files['best_onnx']} ({result.files['chosen_yaml']})", highlight=False)
+    raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     models: Annotated[list[Path], typer.Argument(help="ONNX model(s) (FP32 or INT8); several are timed together, in alternation, so their latencies compare.")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,64",

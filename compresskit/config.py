@@ -468,9 +468,10 @@ def _default_recipes() -> list[list[LossTerm]]:
 class SearchConfig(Strict):
     n_trials: int = Field(30, ge=1, le=100000, description="Trials in the study in all (a resumed search or a worker runs only the missing ones).")
     timeout_s: float | None = Field(None, gt=0.0, description="Stop starting trials after this many seconds (this process).")
-    seed: int = Field(0, description="Sampler seed (a --worker adds its process id, so workers do not draw the same candidates).")
+    seed: int = Field(0, description="Sampler seed; the trials already in the study are added (a resumed search does not redraw the same random start), and a --worker adds its process id (workers do not draw the same candidates).")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
     pruner: Literal["successive_halving", "hyperband", "median", "none"] = Field("successive_halving", description="Optuna pruner over the proxy epochs.")
+    pruner_startup: int = Field(4, ge=0, description="Trials that must finish their proxy training before the pruner may stop any (early comparisons are too few to judge).")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<models_dir>/<name>/search/study.db. Use PostgreSQL (postgresql://user:pw@host/db) for workers on several machines.")
     families: SearchFamilies = Field(default_factory=SearchFamilies, description="Student architecture families and their ranges.")
     recipes: list[list[LossTerm]] = Field(default_factory=_default_recipes, min_length=1, description="Distillation recipes tried (each a distill.loss list; [{method: ce, weight: 1.0}] is 'no KD'). Logit terms only: module paths differ between architectures.")

@@ -135,9 +135,12 @@ def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.op
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 4:
+        # OneCycleLR divides by its warm-up length: at least 2 steps of it (very short runs only)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total,
-                                                   pct_start=0.25, div_factor=25, final_div_factor=1e3)
+                                                   pct_start=max(0.25, 2 / total), div_factor=25,
+                                                   final_div_factor=1e3)
+    # cosine (and one-cycle runs of under 4 steps, which have no room for a warm-up)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
 
     def factor(step: int) -> float:

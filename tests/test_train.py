@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -254,3 +255,16 @@ def test_short_runs_at_chance_do_not_trip():
     train, val = _tensor_loaders()
     res = fit(model, nn.functional.cross_entropy, train, val, cfg=TrainConfig(epochs=3, lr=0.05), quiet=True)
     assert len(res.history) == 3 and res.best_val_accuracy == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 7])
+def test_onecycle_schedule_works_for_very_short_runs(steps):
+    from compresskit.config import TrainConfig
+    from compresskit.train import make_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(opt, TrainConfig(epochs=1, lr=0.1), steps_per_epoch=steps)
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    assert all(math.isfinite(g["lr"]) for g in opt.param_groups)
