@@ -364,6 +364,7 @@ class ExportConfig(Strict):
     max_abs_diff: float = Field(1e-3, gt=0.0, description="FP32 parity: absolute floor on the largest |logit difference|; a difference up to this always passes (tiny logits), above it max_rel_diff decides.")
     max_rel_diff: float = Field(1e-4, gt=0.0, description="FP32 parity: largest |logit difference| relative to the largest |logit| of the PyTorch model on the parity images; above this (and above max_abs_diff) fails the stage.")
     min_top1_agreement: float = Field(0.99, ge=0.0, le=1.0, description="FP32 parity: smallest fraction of parity images on which ONNX and PyTorch pick the same class; below this fails the stage.")
+    min_qat_top1_agreement: float = Field(0.9, ge=0.0, le=1.0, description="QAT parity: smallest fraction of parity images on which the INT8 ONNX export and the fake-quant PyTorch model pick the same class (INT8 rounding differs a little); below this the export does not reproduce QAT for this model and fails the stage.")
     max_abs_logit: float | None = Field(1e3, gt=0.0, description="A model whose logits on the parity images are not finite or exceed this in magnitude is reported as diverged and not exported (softmax saturates in float32 at logit gaps of ~100; trained classifiers stay well below); null: no bound, only non-finite logits fail.")
     ort_format: bool = Field(False, description="Also write .ort files for onnxruntime mobile.")
 

@@ -291,3 +291,31 @@ def test_export_stage_names_the_parity_threshold(tmp_path):
                                          r"difference\| .* > export.max_rel_diff=1e-12 "
                                          r"and > export.max_abs_diff=1e-12$"):
         _export_stage(tmp_path, _resnet(), max_rel_diff=1e-12, max_abs_diff=1e-12)
+
+
+def test_export_stage_refuses_a_qat_export_that_does_not_reproduce_qat(tmp_path, monkeypatch):
+    """An INT8 export that picks other classes than its fake-quant model fails in one line."""
+    from compresskit.checkpoint import save_checkpoint
+    from compresskit.config import DataConfig, ExportConfig, SyntheticConfig
+    from compresskit.export import stage as export_stage
+    from compresskit.stage import StageContext, StageError
+    from compresskit.stages import ExportJob
+
+    spec = {"arch": "resnet", "num_classes": 4, "in_channels": 1, "blocks": [1], "width": 8}
+    ckpt = save_checkpoint(tmp_path / "qat.pt", _resnet(), spec)
+    torch.manual_seed(7)
+    from compresskit.nets import build_model
+
+    other = build_model(spec).eval()
+
+    def wrong_export(model, path, example, **kwargs):  # stands in for an export that drifts
+        return export_onnx(other, path, example, opset=kwargs.get("opset", 17), metadata=kwargs.get("metadata"))
+
+    monkeypatch.setattr(export_stage.qat, "export_qat_onnx", wrong_export)
+    data = DataConfig(dataset="synthetic", batch_size=32, calib_size=16,
+                      synthetic=SyntheticConfig(num_train=64, num_test=64, num_classes=4, image_size=16, channels=1))
+    job = ExportJob(export=ExportConfig(parity_samples=64), data=data, seed=0)
+    (tmp_path / "export").mkdir()
+    ctx = StageContext(name="export", dir=tmp_path / "export", inputs={"qat": ckpt}, key="k", quiet=True)
+    with pytest.raises(StageError, match=r"min_qat_top1_agreement=0.9\): the INT8 export does not reproduce QAT"):
+        export_run(ctx, job)

@@ -107,9 +107,6 @@ FAST = ("mobilenet_v2", "shufflenet_v2_x0_5", "vit (tiny VisionTransformer)", "u
 
 # What each stage gives where it is not plain "ok" (kinds: ok, refused, fails), and why.
 EXPECTED: dict[str, dict[str, str]] = {
-    # onnxruntime's quant_pre_process (symbolic shape inference) asserts on the ViT's Reshape;
-    # quantize_ptq(..., preprocess=False) quantizes it
-    "vit (tiny VisionTransformer)": {"ptq": "fails"},
     # the INT8 file's logits drift from the fake-quant model's block by block (2% after the first
     # stack, ~40% after the fourth, ~60-100% at the end); every other model stays within 15%
     "mnasnet0_5": {"qat": "fails"},

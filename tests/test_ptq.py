@@ -276,3 +276,23 @@ def test_ranges_must_match_model_and_settings(fp32_model, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         quantize_ptq(other, out, ranges=ranges)
     assert not out.exists()
+
+
+def test_quantize_goes_on_when_preprocessing_fails(fp32_model, tmp_path, monkeypatch):
+    """onnxruntime's quant_pre_process asserts on some graphs (a ViT's Reshape): quantize without
+    it, say so in the result, and calibrate-once ranges still fit."""
+    import compresskit.quantize.calibrate as cal
+    from compresskit.quantize.calibrate import calibrate
+
+    def broken(src, dst, *args, **kwargs):
+        raise AssertionError("symbolic shape inference failed")
+
+    monkeypatch.setattr(cal, "quant_pre_process", broken)
+    _, fp32 = fp32_model
+    calib = make_data(32, seed=1)[0].numpy()
+    info = quantize_ptq(fp32, tmp_path / "q.onnx", calib)
+    assert "AssertionError" in info["preprocess_skipped"]
+    ranges = calibrate(fp32, calib)
+    again = quantize_ptq(fp32, tmp_path / "q2.onnx", ranges=ranges)
+    assert again["preprocess_skipped"]
+    assert (tmp_path / "q2.onnx").read_bytes() == (tmp_path / "q.onnx").read_bytes()

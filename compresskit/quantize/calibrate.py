@@ -22,6 +22,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -202,9 +203,25 @@ def calibrate(
         src = path
         if preprocess:
             src = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(path), str(src))
+            pre_process(path, src)
         return calibrate_graph(src, calib_x, source_sha256=sha256_file(path), preprocess=preprocess,
                                batch_size=batch_size, **options)
+
+
+def pre_process(src: str | os.PathLike, dst: str | os.PathLike) -> str | None:
+    """onnxruntime's ``quant_pre_process`` (symbolic shape inference, graph optimisation) of
+    ``src`` into ``dst``. A graph it cannot handle (its shape inference asserts on some Reshape
+    patterns, e.g. a vision transformer's) is copied unchanged and the reason returned, so
+    quantization goes on without the optimisation; None when it ran. Deterministic: calibration
+    and quantization of one file fall back alike, so their tensor names agree."""
+    try:
+        quant_pre_process(str(src), str(dst))
+    except (AssertionError, RuntimeError, ValueError, KeyError, IndexError, TypeError,
+            onnx.shape_inference.InferenceError) as err:
+        shutil.copyfile(src, dst)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"quant_pre_process failed ({type(err).__name__}: {first[:200]}); quantized without it"
+    return None
 
 
 def calibrate_graph(

@@ -24,7 +24,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from compresskit.artifacts import sha256_file
 from compresskit.onnxutil import load_model, op_counts, save_onnx, set_metadata
@@ -34,6 +33,7 @@ from compresskit.quantize.calibrate import (
     calibrate_graph,
     calibration_options,
     check_calibration_data,
+    pre_process,
     write_ort_cache,
 )
 
@@ -107,9 +107,10 @@ def quantize_ptq(
     with tempfile.TemporaryDirectory(prefix="compresskit-ptq-") as tmp:
         t0 = time.perf_counter()
         src = fp32_path
+        preprocess_note = None
         if preprocess:
             src = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(fp32_path), str(src))
+            preprocess_note = pre_process(fp32_path, src)
         preprocess_s = time.perf_counter() - t0
         _check_nodes(load_model(src, load_external_data=False), nodes_to_exclude, ranges)
         calibrated = ranges is None
@@ -136,6 +137,7 @@ def quantize_ptq(
         "size_fp32_bytes": fp32_path.stat().st_size,
         "size_int8_bytes": out_path.stat().st_size,
         "preprocess_s": preprocess_s,
+        "preprocess_skipped": preprocess_note,
         "calibration_s": ranges.seconds if calibrated else 0.0,
         "quantization_s": quantization_s,
     }

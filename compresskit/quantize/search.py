@@ -36,7 +36,6 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.quant_utils import QUANT_INPUT_SUFFIX
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from compresskit import bench, envinfo
 from compresskit.onnxutil import graph_inputs, read_metadata
@@ -45,6 +44,7 @@ from compresskit.quantize.calibrate import (
     ArrayCalibrationReader,
     CalibrationRanges,
     calibrate,
+    pre_process,
     ranges_file_name,
 )
 from compresskit.quantize.ptq import (
@@ -254,7 +254,7 @@ def node_sensitivity(
         src = fp32_path
         if preprocess:
             src = tmpdir / "preprocessed.onnx"
-            quant_pre_process(str(fp32_path), str(src))
+            pre_process(fp32_path, src)
         float_model = onnx.load(str(src))
         qdq_model = onnx.load(str(int8_path))
         input_name = _single_input(float_model, fp32_path)
