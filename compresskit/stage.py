@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 import compresskit
 from compresskit.artifacts import RunLayout, config_hash
+from compresskit.envinfo import library_versions
 
 
 class StageError(Exception):
@@ -139,9 +140,15 @@ class Stage:
         return f"{compresskit.__version__}:{self.code_version}:{digest.hexdigest()[:16]}"
 
 
+# the libraries whose numerics a stage's result depends on (a new version re-runs it)
+COMPUTE_LIBRARIES = ("torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxscript")
+
+
 def cache_key(stage: Stage, job: Job, input_hashes: Mapping[str, str],
               environment: Mapping[str, Any] | None) -> str:
     """The key of a stage's result: exactly what run receives (its job), the sha256 of every
-    input file, the code, and for stages that measure or choose by speed, the machine."""
+    input file, the code and the versions of the libraries that compute it, and for stages that
+    measure or choose by speed, the machine."""
     return config_hash({"stage": stage.name, "job": job.key_data(), "inputs": dict(input_hashes),
-                        "code": stage.code_key(), "environment": environment})
+                        "code": stage.code_key(), "libraries": library_versions(COMPUTE_LIBRARIES),
+                        "environment": environment})

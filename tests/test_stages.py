@@ -91,6 +91,17 @@ def test_code_of_a_stage_is_in_its_key(monkeypatch):
     assert _key("export", cfg) != before
 
 
+def test_library_versions_are_in_every_key(monkeypatch):
+    import compresskit.stage as stage_module
+
+    cfg = _cfg()
+    before = {s.name: _key(s.name, cfg) for s in STAGES}
+    real = stage_module.library_versions
+    monkeypatch.setattr(stage_module, "library_versions", lambda pkgs: {**real(pkgs), "torch": "9.9.9"})
+    after = {s.name: _key(s.name, cfg) for s in STAGES}
+    assert all(before[n] != after[n] for n in before)
+
+
 def test_disabled_stages_have_no_job():
     cfg = _cfg("distill.enabled=false", "prune.enabled=false", "quantize.ptq.enabled=false",
                "quantize.qat.enabled=false")
