@@ -57,63 +57,8 @@ class ConvBNAct(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, 1x1 linear projection, residual if shapes match."""
-
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hidden = int(round(cin * expand))
-        self.use_residual = stride == 1 and cin == cout
-        layers: list[nn.Module] = []
-        if expand != 1:
-            layers.append(ConvBNAct(cin, hidden, k=1))
-        layers += [
-            ConvBNAct(hidden, hidden, k=3, stride=stride, groups=hidden),
-            ConvBNAct(hidden, cout, k=1, act=None),
-        ]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        return x + out if self.use_residual else out
-
-
-# (expansion, channels, repeats) per stage; strides come from the spec.
-MBV2_STAGES = ((1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1))
-
-
-class MobileNetV2(nn.Module):
-    """MobileNetV2 whose downsampling suits small images (28x28 to 64x64).
-
-    torchvision's version downsamples 32x; on 28x28 inputs that leaves 1x1 maps. Here the stem
-    stride and the stride of each of the 7 stages are part of the spec (default total stride 16).
-    """
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0,
-                 stem_stride: int = 2, stage_strides: Sequence[int] = (1, 2, 2, 2, 1, 1, 1),
-                 last_channel: int = 1280, dropout: float = 0.0) -> None:
-        super().__init__()
-        if len(stage_strides) != len(MBV2_STAGES):
-            raise ValueError(f"stage_strides needs {len(MBV2_STAGES)} entries, got {len(stage_strides)}")
-        cin = make_divisible(32 * width_mult)
-        layers: list[nn.Module] = [ConvBNAct(in_channels, cin, stride=stem_stride)]
-        for (expand, channels, repeats), stride in zip(MBV2_STAGES, stage_strides, strict=True):
-            cout = make_divisible(channels * width_mult)
-            for i in range(repeats):
-                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
-                cin = cout
-        layers.append(ConvBNAct(cin, last_channel, k=1))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last_channel, num_classes))
-        _init_weights(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
-
-
-class MBConv(nn.Module):
-    """`mbnet`'s block: InvertedResidual with a configurable depthwise kernel (same layout and
-    module names: `conv.0` expand, `conv.1` depthwise, `conv.2` projection)."""
+    """MobileNetV2 block: 1x1 expand (`conv.0`, absent at expansion 1), `kernel` x `kernel`
+    depthwise, 1x1 linear projection; residual if shapes match."""
 
     def __init__(self, cin: int, cout: int, stride: int, expand: float, kernel: int = 3) -> None:
         super().__init__()
@@ -131,6 +76,10 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
         return x + out if self.use_residual else out
+
+
+# (expansion, channels, repeats) per stage; strides come from the spec.
+MBV2_STAGES = ((1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1))
 
 
 MBNET_CHANNELS = tuple(c for _, c, _ in MBV2_STAGES)
@@ -160,7 +109,7 @@ class MBNet(nn.Module):
         for c, repeats, stride, e, k in zip(channels, blocks, strides, expand, kernel, strict=True):
             cout = make_divisible(c * width_mult)
             for i in range(repeats):
-                layers.append(MBConv(cin, cout, stride if i == 0 else 1, e, k))
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, e, k))
                 cin = cout
         layers.append(ConvBNAct(cin, last_channel, k=1))
         self.features = nn.Sequential(*layers)
@@ -170,6 +119,23 @@ class MBNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class MobileNetV2(MBNet):
+    """MobileNetV2 whose downsampling suits small images (28x28 to 64x64).
+
+    torchvision's version downsamples 32x; on 28x28 inputs that leaves 1x1 maps. Here the stem
+    stride and the stride of each of the 7 stages are part of the spec (default total stride 16).
+    It is `mbnet` with MobileNetV2's stages (same modules, same initialisation).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0,
+                 stem_stride: int = 2, stage_strides: Sequence[int] = (1, 2, 2, 2, 1, 1, 1),
+                 last_channel: int = 1280, dropout: float = 0.0) -> None:
+        if len(stage_strides) != len(MBV2_STAGES):
+            raise ValueError(f"stage_strides needs {len(MBV2_STAGES)} entries, got {len(stage_strides)}")
+        super().__init__(num_classes, in_channels, width_mult, stem_channels=32, stem_stride=stem_stride,
+                         strides=stage_strides, last_channel=last_channel, dropout=dropout)
 
 
 class PlainConvNet(nn.Module):
