@@ -591,7 +591,8 @@ def bench_model(
     providers: Sequence[str] | None = None,
 ) -> dict:
     """Static statistics, latency for every (threads, batch size) pair and, when ``x``/``y`` are
-    given, accuracy: one JSON-able dict that is the core of a report row.
+    given, accuracy: one JSON-able dict that is the core of a report row (``bench_models`` for one
+    model: the same protocol, so one model's figures and a pass's compare).
 
     Each latency entry (see ``measure_latency``; threads 0 = all usable cores) also carries
     ``gmacs``, ``peak`` and ``peak_fraction`` (see ``achieved_vs_peak``) against ``cpu``, the
@@ -601,55 +602,12 @@ def bench_model(
     ``progress`` receives a short message per step. ``providers`` (see ``make_session``) are
     recorded with the ones the sessions actually used (``providers_used``).
     """
-    if (x is None) != (y is None):
-        raise ValueError("give both x and y for accuracy, or neither")
-    path = check_model_path(path)
-    note = progress or (lambda _msg: None)
-    note(f"{path.name}: statistics")
-    result = _static_stats(path)
-    cpu = cpu_info() if cpu is None else cpu
-    latency, skipped = [], []
-    load = CpuLoad()
-    for n_threads in threads:
-        session = make_session(path, n_threads, optimization, providers)
-        result["providers"] = list(providers or ["CPUExecutionProvider"])
-        result["providers_used"] = session.get_providers()
-        fixed = session.get_inputs()[0].shape[0]
-        for batch in batch_sizes:
-            if isinstance(fixed, int) and fixed > 0 and fixed != batch:
-                reason = f"model input has fixed batch {fixed}"
-                skipped.append({"batch_size": batch, "threads": n_threads, "reason": reason})
-                continue
-            note(f"{path.name}: latency batch {batch}, {n_threads or 'all'} thread(s)")
-            load.start()
-            entry = measure_latency(
-                session,
-                batch,
-                warmup=warmup,
-                min_runs=min_runs,
-                max_runs=max_runs,
-                max_seconds=max_seconds,
-                target_rel_ci=target_rel_ci,
-            )
-            entry["busy_fraction"] = load.stop()
-            entry["threads_setting"] = n_threads
-            entry["optimization"] = optimization
-            entry.update(achieved_vs_peak(entry, result.get("macs"), result["precision"], cpu))
-            latency.append(entry)
-    result["latency"] = latency
-    result["latency_skipped"] = skipped
-    result["load"] = load.summary()
-    result["busy_fraction"] = result["load"]["busy_fraction"]
-    result["accuracy"] = None
-    result["top5"] = None
-    if x is not None:
-        note(f"{path.name}: accuracy on {len(x)} samples")
-        metrics = evaluate(make_session(path, eval_threads, providers=providers), x, y,
-                           batch_size=eval_batch_size)
-        result["accuracy"] = metrics["accuracy"]
-        result["top5"] = metrics["top5"]
-        result["eval"] = metrics
-    return result
+    name = Path(path).name
+    return bench_models({name: path}, batch_sizes=batch_sizes, threads=threads, warmup=warmup,
+                        min_runs=min_runs, max_runs=max_runs, max_seconds=max_seconds,
+                        target_rel_ci=target_rel_ci, x=x, y=y, eval_threads=eval_threads,
+                        eval_batch_size=eval_batch_size, optimization=optimization, progress=progress,
+                        cpu=cpu, providers=providers)[name]
 
 
 def _static_stats(path: Path) -> dict:

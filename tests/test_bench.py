@@ -500,7 +500,7 @@ def test_bench_model(tmp_path):
     assert res["accuracy"] == top1 and res["top5"] == top5
     assert res["params"] == CLASSES * CIN * 16 + CLASSES
     assert res["precision"] == "fp32"
-    assert len(messages) == 1 + 4 + 1
+    assert len(messages) == 2 * 4 + 1  # a start and a result line per measurement, then accuracy
     json.dumps(res)
 
 
