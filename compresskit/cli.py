@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compresskit.config import ConfigError
-from compresskit.stages import STAGE_NAMES
+from compresskit.stages import STAGE_NAMES, STAGES
 
 app = typer.Typer(help="Distill, prune, quantize and export vision models to fast INT8 ONNX, "
                        "with measurements and CI budgets.",
@@ -62,7 +62,7 @@ def validate(
     (err_console if show else console).print(f"[green]ok[/green] {pipeline}: run '{cfg.name}'", highlight=False)
 
 
-@app.command()
+@app.command(epilog="Stages, in order: " + "; ".join(f"{s.name}: {s.help}" for s in STAGES) + ".")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     set_: SetOpt = None,

@@ -151,9 +151,10 @@ def run_pipeline(cfg: PipelineConfig, *, force: set[str] | None = None, from_sta
     except OSError as err:
         raise StageError(f"models_dir: cannot use {layout.run_dir}: "
                          f"{describe_write_error(err, layout.run_dir) or err}") from None
-    tracker = _tracker(cfg)
+    tracker = None
     finished = False
     try:
+        tracker = _tracker(cfg)  # inside: a tracking failure still releases the lock
         for stage in STAGES:
             outcome = _run_stage(stage, cfg, layout, force=stage.name in force, memo=memo,
                                  history=tuple(outcomes), log=log, quiet=quiet, traceback=traceback)

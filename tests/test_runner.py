@@ -150,3 +150,16 @@ def test_validate_show_prints_valid_json_on_stdout(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == "tiny_synthetic"
     assert "ok" in done.stderr
+
+
+def test_a_failing_tracker_leaves_no_run_folder(tmp_path, monkeypatch):
+    import compresskit.pipeline as pipeline
+
+    def broken(cfg):
+        raise ValueError("tracking: cannot reach the MLflow server")
+
+    monkeypatch.setattr(pipeline, "_tracker", broken)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ValueError, match="MLflow"):
+        run_pipeline(cfg, quiet=True, log=lambda m: None)
+    assert not (tmp_path / "models").exists()

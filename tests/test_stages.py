@@ -49,8 +49,9 @@ def test_cli_stage_options_come_from_the_list():
 
     from compresskit.cli import app
 
-    out = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300"}).output
-    assert ", ".join(STAGE_NAMES) in " ".join(out.split())
+    out = " ".join(CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert ", ".join(STAGE_NAMES) in out
+    assert all(f"{s.name}: {s.help}" in out for s in STAGES)  # each stage explained, in order
 
 
 def test_changing_a_budget_reruns_the_choices_made_by_speed_only():
