@@ -163,7 +163,7 @@ def search(
         return
     if result.chosen is not None:
         c = result.chosen
-        console.print(f"[green]chosen[/green] trial {c['number']}: {c['label']} + {c['recipe_label']}: INT8 val "
+        console.print(f"[green]chosen[/green] trial {c.get('id', c['number'])}: {c['label']} + {c['recipe_label']}: INT8 val "
                       f"{c['int8_val_accuracy']:.2%}, test {c['int8_test_accuracy']:.2%}, p50 {c['p50_ms']:.3f} ms; "
                       f"re-run without search: compresskit run {result.files['chosen_yaml']}", highlight=False)
         return

@@ -481,6 +481,7 @@ class SearchConfig(Strict):
     proxy_max_batches: int | None = Field(100, ge=1, description="Batches per proxy epoch (null: the whole training set).")
     full_epochs: int | None = Field(None, ge=1, le=10000, description="Epochs of the finalists' full training (default: distill.train.epochs).")
     top_k: int = Field(2, ge=1, le=100, description="Finalists trained fully, INT8-quantized and measured.")
+    labels_only_baseline: bool = Field(True, description="A finalist whose recipe uses the teacher is also trained on the labels alone (CE; same architecture, epochs and seed) and measured the same way: both are reported side by side and either can win, so KD is kept only where it helps.")
     accuracy_tie: float = Field(0.0, ge=0.0, le=1.0, description="Accuracies within this of the best count as tied; the fastest of them wins (fraction, 0.002 = 0.2 pt).")
     max_latency_ratio: float | None = Field(None, gt=0.0, description="Relative latency budget: at most this times latency_reference's p50 (measured the same way, here); combined with budgets.max_latency_ms (the smaller wins).")
     latency_reference: ModelSpec | None = Field(None, description="The model max_latency_ratio refers to (default: distill.student, the hand-picked student).")

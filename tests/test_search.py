@@ -150,6 +150,30 @@ def test_resume_records_and_chosen_yaml(tmp_path, fit_calls):
     assert chosen.name == cfg.name and chosen.data == cfg.data
 
 
+KD = [{"method": "ce", "weight": 0.1}, {"method": "kd", "weight": 0.9, "temperature": 4.0}]
+
+
+def test_kd_finalist_gets_a_labels_only_baseline(tmp_path, fit_calls):
+    """A finalist with a KD recipe is also trained on labels alone (same architecture, epochs and
+    seed): both are measured, reported side by side, and the more accurate one is chosen."""
+    raw = _raw(tmp_path, latency_table=str(_table(tmp_path, slow=(0, 0))), recipes=[KD], n_trials=2)
+    res = run_search(validate_config(raw), log=None, raw=raw)
+    assert len(res.finals) == 2
+    kd, lo = res.finals
+    assert kd["baseline_of"] is None and lo["baseline_of"] == kd["number"] and lo["id"] == f"{kd['number']}-labels"
+    assert kd["spec"] == lo["spec"] and [t["method"] for t in kd["recipe"]] == ["ce", "kd"]
+    assert [(t["method"], t["weight"]) for t in lo["recipe"]] == [("ce", 1.0)]
+    assert f"full-{kd['number']}-labels" in fit_calls
+    better = max(res.finals, key=lambda r: r["int8_val_accuracy"])
+    assert res.chosen is not None and res.chosen["recipe"] == better["recipe"]
+    md = (res.workdir / "trials.md").read_text()
+    assert "Does KD help?" in md and f"{kd['number']}-labels" in md
+
+    raw_off = _raw(tmp_path / "off", latency_table=str(_table(tmp_path, slow=(0, 0))), recipes=[KD], n_trials=2,
+                   labels_only_baseline=False)
+    assert len(run_search(validate_config(raw_off), log=None, raw=raw_off).finals) == 1
+
+
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path

@@ -43,7 +43,7 @@ from compresskit.bench import BUSY_WARN_FRACTION
 from compresskit.config import PipelineConfig, SearchConfig, validate_config
 from compresskit.search import report as rep
 from compresskit.search.latency import SCREEN_FORMAT, LatencyCache, LatencyTable, file_lock, screen_model
-from compresskit.search.space import Candidate, SearchSpace, canonical_spec, recipe_key, spec_key
+from compresskit.search.space import Candidate, SearchSpace, canonical_spec, recipe_key, recipe_label, spec_key
 from compresskit.stage import InputError
 
 __all__ = ["SearchResult", "run_search", "search_dir"]
@@ -56,6 +56,15 @@ MAX_FAILURES_IN_A_ROW = 3
 
 class SearchUnavailable(InputError):
     """optuna is not installed (``pip install 'compresskit[search]'``)."""
+
+
+def _labels_only() -> list[dict[str, Any]]:
+    """The no-KD recipe a KD finalist is compared with, spelled as the schema writes recipes."""
+    from pydantic import TypeAdapter
+
+    from compresskit.config_terms import LossTerm
+
+    return [TypeAdapter(LossTerm).validate_python({"method": "ce", "weight": 1.0}).model_dump(mode="json")]
 
 
 def _optuna():
@@ -95,7 +104,7 @@ class SearchResult:
 
     def table(self) -> list[dict[str, Any]]:
         """One short row per trial (for a console table)."""
-        finals = {f["number"]: f for f in self.finals}
+        finals = {f["number"]: f for f in self.finals if f.get("baseline_of") is None}
         return [{"#": t["number"], "family": t.get("family", ""), "architecture": t.get("label", ""),
                  "recipe": t.get("recipe_label", ""), "status": t.get("status", ""),
                  "p50 ms": t.get("p50_ms"), "proxy val": t.get("proxy_val_accuracy"),
@@ -664,11 +673,17 @@ class _Search:
                 picked.append(t)
             if len(picked) >= self.s.top_k:
                 break
-        return [self.final(t) for t in picked]
+        out = []
+        for t in picked:
+            out.append(self.final(t))
+            if self.s.labels_only_baseline and self.needs_teacher(t.user_attrs["recipe"]):
+                out.append(self.final(t, _labels_only()))
+        return out
 
-    def final(self, t) -> dict[str, Any]:
+    def final(self, t, recipe: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Full training of one finalist, then ONNX, INT8 and measurements (kept in
-        ``finals/trial-N/final.json`` and reused when the same search is run again)."""
+        ``finals/trial-N/final.json`` and reused when the same search is run again). `recipe`
+        replaces the trial's (the labels-only baseline of a KD finalist, ``finals/trial-N-labels``)."""
         import json
 
         import torch
@@ -681,24 +696,30 @@ class _Search:
         from compresskit.quantize.ptq import quantize_ptq
         from compresskit.train import loaders_for
 
-        ua, cfg, data = t.user_attrs, self.cfg, self.data
+        cfg, data = self.cfg, self.data
+        ua = dict(t.user_attrs)
+        baseline = recipe is not None
+        if baseline:
+            ua |= {"recipe": recipe, "recipe_label": recipe_label(recipe)}
+        fid = f"{t.number}-labels" if baseline else str(t.number)
         tcfg = self.full_train_cfg()
         use_format_search = self.s.format_search and self.table is None
         ps = cfg.quantize.ptq.search
-        key = config_hash({"cand": ua["cand_key"], "train": tcfg.model_dump(mode="json"), "seed": cfg.seed,
+        key = config_hash({"cand": ua["cand_key"], "recipe": ua["recipe"], "train": tcfg.model_dump(mode="json"), "seed": cfg.seed,
                            "data": cfg.data.model_dump(mode="json"), "teacher": cfg.teacher.model_dump(mode="json"),
                            "format": ps.model_dump(mode="json") if use_format_search else SCREEN_FORMAT,
                            "latency": [self.batch_size, self.threads, self.table.path if self.table else None]})
-        folder = self.workdir / "finals" / f"trial-{t.number}"
+        folder = self.workdir / "finals" / f"trial-{fid}"
         record = folder / "final.json"
         if record.is_file():
             row = json.loads(record.read_text())
             if row.get("key") == key:
-                self.log(f"final {t.number}: {ua['label']} + {ua['recipe_label']}: done before, reused")
+                self.log(f"final {fid}: {ua['label']} + {ua['recipe_label']}: done before, reused")
                 row["failed"] = self.budgets.final_failures(row)
                 return row
         folder.mkdir(parents=True, exist_ok=True)
-        self.log(f"final {t.number}: {ua['label']} + {ua['recipe_label']}: training {tcfg.epochs} epochs")
+        self.log(f"final {fid}: {ua['label']} + {ua['recipe_label']}: training {tcfg.epochs} epochs"
+                 + (" (the labels-only baseline of the KD finalist)" if baseline else ""))
         t0 = time.perf_counter()
         spec = self.full_spec(ua["spec"])
         teacher = self.teacher_for(ua["recipe"])
@@ -706,7 +727,7 @@ class _Search:
         model = build_model(spec)
         train_loader, val_loader = loaders_for(data, tcfg, device=self.device, seed=cfg.seed)
         res = distill(model, teacher, train_loader, val_loader, terms=ua["recipe"], cfg=tcfg, device=self.device,
-                      seed=cfg.seed, example_input=data.example_input(2).to(self.device), desc=f"full-{t.number}",
+                      seed=cfg.seed, example_input=data.example_input(2).to(self.device), desc=f"full-{fid}",
                       resume_file=folder / "resume.pt", resume_key=key, quiet=self.quiet,
                       log=None if self.quiet else self.log)
         train_s = time.perf_counter() - t0
@@ -748,7 +769,7 @@ class _Search:
                                             target_rel_ci=cfg.bench.target_rel_ci)["p50_ms"]
                 source = "measured"
         row = {
-            "key": key, "number": t.number, "family": ua["family"], "label": ua["label"],
+            "key": key, "number": t.number, "id": fid, "baseline_of": t.number if baseline else None, "family": ua["family"], "label": ua["label"],
             "recipe_label": ua["recipe_label"], "spec": ua["spec"], "recipe": ua["recipe"], "spec_key": ua["key"],
             "proxy_val_accuracy": t.value, "fp32_val_accuracy": fp32_val, "int8_format": fmt, "formats": formats,
             "int8_val_accuracy": int8_val, "int8_test_accuracy": bench.evaluate(int8, test_x, test_y)["accuracy"],
@@ -760,7 +781,7 @@ class _Search:
         }
         atomic_write_json(record, row)
         row["failed"] = self.budgets.final_failures(row)
-        self.log(f"final {t.number}: INT8 ({fmt}) val {int8_val:.2%}, test {row['int8_test_accuracy']:.2%}, "
+        self.log(f"final {fid}: INT8 ({fmt}) val {int8_val:.2%}, test {row['int8_test_accuracy']:.2%}, "
                  f"p50 {p50:.3f} ms" + (f"; fails {'; '.join(row['failed'])}" if row["failed"] else ""))
         return row
 
@@ -770,7 +791,14 @@ class _Search:
         def fastest_of_best(pool):
             top = max(r["int8_val_accuracy"] for r in pool)
             tied = [r for r in pool if r["int8_val_accuracy"] >= top - self.s.accuracy_tie - 1e-12]
-            return min(tied, key=lambda r: (r["p50_ms"] if r["p50_ms"] is not None else math.inf, r["number"]))
+            # a KD finalist and its labels-only baseline are one architecture (their p50s differ by
+            # timing noise only): of such a pair the more accurate stands for both
+            per_arch: dict[int, dict[str, Any]] = {}
+            for r in tied:
+                if r["number"] not in per_arch or r["int8_val_accuracy"] > per_arch[r["number"]]["int8_val_accuracy"]:
+                    per_arch[r["number"]] = r
+            return min(per_arch.values(),
+                       key=lambda r: (r["p50_ms"] if r["p50_ms"] is not None else math.inf, r["number"]))
 
         ok = [r for r in finals if not r["failed"]]
         if ok:
@@ -780,7 +808,7 @@ class _Search:
             kinds = sorted({f.split(":")[0] for r in finals for f in r["failed"]})
             counts = {k: sum(any(f.split(":")[0] == k for f in r["failed"]) for r in finals) for k in kinds}
             return None, best, [f"{k} budget failed by {n} of {len(finals)} finalist(s)" for k, n in counts.items()] + \
-                [f"best found, trial {best['number']}: " + "; ".join(best["failed"])]
+                [f"best found, trial {best.get('id', best['number'])}: " + "; ".join(best["failed"])]
         rows = self.rows()
         dropped = [r for r in rows if r["status"] == "dropped"]
         msgs = []
@@ -814,7 +842,7 @@ class _Search:
             distill["train"] = train
         raw["distill"] = distill
         validate_config(copy.deepcopy(raw))
-        head = [f"# Written by compresskit search (run {self.cfg.name}, trial {row['number']}): "
+        head = [f"# Written by compresskit search (run {self.cfg.name}, trial {row.get('id', row['number'])}): "
                 f"{row['label']} with {row['recipe_label']}",
                 f"# INT8 ({row['int8_format']}) val {row['int8_val_accuracy']:.2%}, test "
                 f"{row['int8_test_accuracy']:.2%}, p50 {row['p50_ms']:.3f} ms at batch {self.batch_size}, "
@@ -884,7 +912,7 @@ def run_search(cfg: PipelineConfig, *, workdir: str | os.PathLike | None = None,
         chosen_yaml = srch.write_chosen_yaml(best, chosen is not None, failed)
         files["chosen_yaml"] = chosen_yaml
     if chosen is not None:
-        log(f"chosen: trial {chosen['number']}, {chosen['label']} + {chosen['recipe_label']}: INT8 val "
+        log(f"chosen: trial {chosen.get('id', chosen['number'])}, {chosen['label']} + {chosen['recipe_label']}: INT8 val "
             f"{chosen['int8_val_accuracy']:.2%}, p50 {chosen['p50_ms']:.3f} ms")
     else:
         log("no candidate meets the budgets: " + "; ".join(failed))

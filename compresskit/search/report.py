@@ -48,6 +48,10 @@ def _ms(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else ""
 
 
+def _pt(a: Any, b: Any) -> str:
+    return f"{100 * (a - b):+.2f} pt" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
+
+
 def _kib(v: Any) -> str:
     return f"{v / 1024:.0f}" if isinstance(v, (int, float)) else ""
 
@@ -83,7 +87,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
     for t in trials:
         counts[t.get("status") or "?"] = counts.get(t.get("status") or "?", 0) + 1
     lines += ["", f"{len(trials)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", ""]
-    finals = {f["number"]: f for f in doc.get("finals") or []}
+    final_rows = list(doc.get("finals") or [])
+    finals = {f["number"]: f for f in final_rows if f.get("baseline_of") is None}
     lines.append("## Trials")
     lines.append("")
     lines += _table(
@@ -104,18 +109,30 @@ def markdown(doc: Mapping[str, Any]) -> str:
                         [[n, by_n[n].get("label", ""), by_n[n].get("recipe_label", ""),
                           _pct(by_n[n].get("proxy_val_accuracy")), _ms(by_n[n].get("p50_ms")),
                           _kib(by_n[n].get("size_bytes"))] for n in front if n in by_n])
-    if finals:
+    if final_rows:
         lines += ["", "## Finalists (full training, INT8)", ""]
         lines += _table(["#", "architecture", "recipe", "FP32 val", "INT8 format", "INT8 val", "INT8 test", "p50 ms",
                          "INT8 KiB", "budgets"],
-                        [[f["number"], f.get("label", ""), f.get("recipe_label", ""), _pct(f.get("fp32_val_accuracy")),
+                        [[f.get("id", f["number"]), f.get("label", ""), f.get("recipe_label", ""),
+                          _pct(f.get("fp32_val_accuracy")),
                           f.get("int8_format", ""), _pct(f.get("int8_val_accuracy")), _pct(f.get("int8_test_accuracy")),
                           _ms(f.get("p50_ms")), _kib(f.get("size_bytes")),
-                          "met" if not f.get("failed") else "; ".join(f["failed"])] for f in finals.values()])
+                          "met" if not f.get("failed") else "; ".join(f["failed"])] for f in final_rows])
+        pairs = [(finals[b["baseline_of"]], b) for b in final_rows
+                 if b.get("baseline_of") is not None and b["baseline_of"] in finals]
+        if pairs:
+            lines += ["", "## Does KD help? (same architecture, epochs and seed; labels alone vs the KD recipe)", ""]
+            lines += _table(["#", "architecture", "KD recipe", "INT8 val: labels alone / KD", "KD gain (val)",
+                             "INT8 test: labels alone / KD", "KD gain (test)"],
+                            [[kd["number"], kd.get("label", ""), kd.get("recipe_label", ""),
+                              f"{_pct(lo.get('int8_val_accuracy'))} / {_pct(kd.get('int8_val_accuracy'))}",
+                              _pt(kd.get("int8_val_accuracy"), lo.get("int8_val_accuracy")),
+                              f"{_pct(lo.get('int8_test_accuracy'))} / {_pct(kd.get('int8_test_accuracy'))}",
+                              _pt(kd.get("int8_test_accuracy"), lo.get("int8_test_accuracy"))] for kd, lo in pairs])
     lines.append("")
     chosen, best = doc.get("chosen"), doc.get("best")
     if chosen:
-        lines.append(f"**Chosen**: trial {chosen['number']}, {chosen.get('label')} with {chosen.get('recipe_label')}: "
+        lines.append(f"**Chosen**: trial {chosen.get('id', chosen['number'])}, {chosen.get('label')} with {chosen.get('recipe_label')}: "
                      f"INT8 val {_pct(chosen.get('int8_val_accuracy'))}, "
                      f"test {_pct(chosen.get('int8_test_accuracy'))}, "
                      f"p50 {_ms(chosen.get('p50_ms'))} ms, {_kib(chosen.get('size_bytes'))} KiB.")
@@ -124,7 +141,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
     else:
         lines.append("**No candidate meets the budgets**: " + "; ".join(doc.get("failed_budgets") or ["(none tried)"]))
         if best:
-            lines.append(f"Best found (kept): trial {best['number']}, {best.get('label')} "
+            lines.append(f"Best found (kept): trial {best.get('id', best['number'])}, {best.get('label')} "
                          f"with {best.get('recipe_label')}.")
     if doc.get("chosen_yaml"):
         lines.append(f"Pipeline without search: `{doc['chosen_yaml']}` (`compresskit run` it).")
