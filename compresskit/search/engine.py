@@ -212,6 +212,13 @@ class _Search:
         if limit is not None:
             self.log(f"latency budget: p50 <= {limit:.3f} ms ({source}), batch {self.batch_size}, "
                      f"{self.threads} thread(s){' from ' + self.table.path if self.table else ''}")
+        ref = self.reference or {}
+        if ref.get("p50_runs_ms"):
+            busy = ref.get("busy_fraction")
+            self.log(f"latency reference timed {len(ref['p50_runs_ms'])} times: "
+                     + " / ".join(f"{v:.3f}" for v in ref["p50_runs_ms"]) + " ms"
+                     + (f"; WARNING: other processes used {busy:.0%} of a core meanwhile, the budget is inflated"
+                        if busy is not None and busy > BUSY_WARN_FRACTION else ""))
 
     def full_spec(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         return dict(spec) | {"num_classes": self.data.num_classes, "in_channels": self.data.in_channels}
@@ -230,18 +237,20 @@ class _Search:
         ref = self.s.latency_reference or self.cfg.distill.student
         spec = ref.model_dump(mode="json")
         key = self.key_of(spec)
-        row = self.screen(spec, key, fresh=True)  # timed again by every process: not a stale figure
+        # timed again by every process (not a stale figure), three times after a discarded one
+        row = self.screen(spec, key, fresh=True, repeats=3)
         if row.get("p50_ms") is None:
             raise InputError(f"search.latency_reference: {key} is not in the latency table "
                              f"{self.table.path if self.table else ''}: the relative budget needs its latency")
         from compresskit.search.space import arch_label
 
         return {"key": key, "label": arch_label(canonical_spec(spec)), "p50_ms": row["p50_ms"],
+                "p50_runs_ms": row.get("p50_runs_ms"), "busy_fraction": row.get("busy_fraction"),
                 "source": row.get("source"), "size_bytes": row.get("size_bytes")}
 
     # -------------------------------------------------------------- latency first
 
-    def screen(self, spec: Mapping[str, Any], key: str, *, fresh: bool = False) -> dict[str, Any]:
+    def screen(self, spec: Mapping[str, Any], key: str, *, fresh: bool = False, repeats: int = 1) -> dict[str, Any]:
         """Latency and size of the untrained candidate: from the table, the cache (unless
         `fresh`), or measured here."""
         full = self.full_spec(spec)
@@ -263,7 +272,7 @@ class _Search:
         with file_lock(self.workdir / "measure.lock"):  # one process times at a time
             row = screen_model(full, self.input_shape, self.calib, max_seconds=self.s.screen_max_seconds,
                                warmup=bench.warmup, min_runs=bench.min_runs, target_rel_ci=bench.target_rel_ci,
-                               **kwargs)
+                               repeats=repeats, **kwargs)
         row["source"] = "measured"
         self.cache.put(key, row)
         return row
