@@ -1,10 +1,11 @@
-"""Every distillation method on the default teacher/student pair, side by side, at equal epochs.
+"""Every distillation method on the default teacher and a MobileNetV2 student, side by side, at equal epochs.
 
     python benchmarks/distill_methods.py [--epochs 2] [--max-batches 150] [--methods kd,dkd,...]
 
 Each method is one run of the pipeline's teacher and distill stages (`compresskit run
 --until distill`), changing only the `distill.loss` section (and `teacher.ensemble` /
-`teacher.specialists` for the two teacher schemes) of `pipelines/mobilenet_edge.yaml`. The
+`teacher.specialists` for the two teacher schemes) of `pipelines/mobilenet_edge.yaml`, with
+the student set to MobileNetV2-0.35 (`STUDENT`, whose module paths the feature methods name). The
 teacher is trained once (or taken from `--teacher`, by default the default pipeline's teacher
 when it exists) and loaded from its checkpoint by every run. The runs share one run directory,
 so the teacher stage is skipped while its config is unchanged; only the distill stage reruns.
@@ -26,9 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Module paths of the default pair: teacher ResNet (stem stride 2; layers.1 is 64 x 7 x 7 on
-# Fashion-MNIST), student MobileNetV2-0.35 (features.6 is 32 x 7 x 7). `pool` is each model's
-# global-average-pooled penultimate feature.
+# The student every method trains (the default pipeline's original, hand-picked student; the
+# pipeline now deploys what `compresskit search` found) and the module paths of the pair: teacher
+# ResNet (stem stride 2; layers.1 is 64 x 7 x 7 on Fashion-MNIST), student MobileNetV2-0.35
+# (features.6 is 32 x 7 x 7). `pool` is each model's global-average-pooled penultimate feature.
+STUDENT = {"arch": "mobilenetv2", "width_mult": 0.35, "stem_stride": 2, "stage_strides": [1, 1, 2, 2, 1, 2, 1],
+           "last_channel": 256}
 S_MAP, T_MAP = "features.6", "layers.1"
 S_PAIR, T_PAIR = ["features.4", "features.6"], ["layers.1.0", "layers.1"]
 S_EMB, T_EMB = "pool", "pool"
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--member-epochs", type=int, default=2, help="epochs of each extra ensemble teacher")
     ap.add_argument("--specialist-epochs", type=int, default=1, help="epochs of each specialist")
     ap.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--student", type=json.loads, default=STUDENT,
+                    help="the student spec as JSON (default: MobileNetV2-0.35; give --paths to match it)")
     ap.add_argument("--paths", type=json.loads, default={},
                     help="module paths for other architectures, as JSON: keys s_map, t_map, s_pair, t_pair, "
                          "s_emb, t_emb, byot_heads")
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if "specialists" in recipe.get("teacher", {}):
             raw["teacher"]["specialists"]["train"] = {"epochs": args.specialist_epochs, "lr": 0.01,
                                                      "schedule": "cosine"}
-        raw["distill"] = dict(raw["distill"]) | {"loss": recipe["loss"], "baseline": False}
+        raw["distill"] = dict(raw["distill"]) | {"student": args.student, "loss": recipe["loss"], "baseline": False}
         raw["distill"]["train"] = dict(raw["distill"].get("train", {})) | {"epochs": args.epochs}
         if args.max_batches:
             raw["distill"]["train"]["max_batches_per_epoch"] = args.max_batches

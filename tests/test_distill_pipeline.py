@@ -52,7 +52,7 @@ def test_every_method_runs_through_the_pipeline(tmp_path: Path) -> None:
 
 def test_recipes_fit_the_default_pair() -> None:
     """Every benchmark recipe is a valid config whose module paths exist in the default teacher
-    and student and whose shapes every term accepts (the pre-flight check, on untrained models)."""
+    and the benchmark's student and whose shapes every term accepts (the pre-flight check, on untrained models)."""
     from compresskit.config import load_raw, validate_config
     from compresskit.preflight import _check_models
 
@@ -60,6 +60,7 @@ def test_recipes_fit_the_default_pair() -> None:
     for name, recipe in bench.recipes().items():
         raw = load_raw(ROOT / "pipelines" / "mobilenet_edge.yaml")
         raw["distill"]["loss"] = recipe["loss"]
+        raw["distill"]["student"] = bench.STUDENT
         for key, value in recipe.get("teacher", {}).items():
             raw["teacher"][key] = value
         cfg = validate_config(raw)  # raises ConfigError naming the key on a bad recipe

@@ -346,3 +346,24 @@ def test_search_command(tmp_path):
     assert impossible.exit_code == 1 and "no candidate meets the budgets" in impossible.output, impossible.output
     missing = CliRunner().invoke(app, ["search", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2
+
+
+def test_reference_is_timed_after_a_discarded_cold_run(monkeypatch):
+    """The latency reference (what max_latency_ratio multiplies): one discarded timing, then the
+    median of three; a cold first timing does not inflate the budget."""
+    import numpy as np
+
+    import compresskit.bench
+    from compresskit.search.latency import screen_model
+
+    seq = iter([0.30, 0.11, 0.10, 0.12])  # cold first run, then three warm ones
+    monkeypatch.setattr(compresskit.bench, "measure_latency",
+                        lambda *a, **k: {"p50_ms": next(seq), "ci95_rel": 0.01})
+    calib = np.zeros((4, *SHAPE), dtype=np.float32)
+    row = screen_model(_spec(8, 16) | {"num_classes": CLASSES, "in_channels": 1}, SHAPE, calib,
+                       batch_size=1, threads=1, repeats=3)
+    assert row["p50_ms"] == 0.11 and row["p50_runs_ms"] == [0.11, 0.10, 0.12]
+    seq = iter([0.30])
+    once = screen_model(_spec(8, 16) | {"num_classes": CLASSES, "in_channels": 1}, SHAPE, calib,
+                        batch_size=1, threads=1)
+    assert once["p50_ms"] == 0.30 and "p50_runs_ms" not in once
