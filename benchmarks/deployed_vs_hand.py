@@ -33,6 +33,14 @@ HAND_STUDENT = {"arch": "mobilenetv2", "width_mult": 0.35, "stem_stride": 2,
                 "stage_strides": [1, 1, 2, 2, 1, 2, 1], "last_channel": 256}
 
 
+def _rel(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (no machine paths in results)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
 def student_epochs(cfg) -> tuple[int, str]:
     """Epochs of training the pipeline's student gets in all (rounded up), and how they add up."""
     n_train = None
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage_s:
         verdict.append(f"- Wall time: the pipeline's stages {sum(stage_s.values()) / 60:.1f} min ("
                        + ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items())
-                       + f"; from `{args.run}/*/stage.json`); the hand path here (student training, export, "
+                       + f"; from `{_rel(args.run)}/*/stage.json`); the hand path here (student training, export, "
                          f"two quantizations; its teacher is not needed) {hand_s / 60:.1f} min.")
     lines += verdict
     args.out.parent.mkdir(parents=True, exist_ok=True)

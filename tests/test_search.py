@@ -135,6 +135,7 @@ def test_resume_records_and_chosen_yaml(tmp_path, fit_calls):
 
     doc = json.loads((res.workdir / "trials.json").read_text())
     assert doc["schema"] == "compresskit.search" and len(doc["trials"]) == 4
+    assert doc["process_s"] > 0 and doc["teacher_s"] >= 0
     for t in doc["trials"]:
         assert {"spec", "recipe", "p50_ms", "proxy_val_accuracy", "seconds", "status"} <= set(t)
     assert doc["pareto"] and set(doc["pareto"]) <= {t["number"] for t in doc["trials"] if t["status"] == "complete"}

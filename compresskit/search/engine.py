@@ -169,6 +169,7 @@ class _Search:
         self._teacher_cached = None
         self._numpy: dict[str, Any] = {}
         self.teacher_seconds = 0.0
+        self.started = time.perf_counter()  # run_search sets its own start
 
     # -------------------------------------------------------------- data and settings
 
@@ -659,6 +660,7 @@ class _Search:
             "met_budgets": chosen is not None if final else None, "failed_budgets": failed,
             "chosen_yaml": str(chosen_yaml) if chosen_yaml else None,
             "teacher_s": self.teacher_seconds,
+            "process_s": time.perf_counter() - self.started,  # this process (a resumed search: since it resumed)
         }
         atomic_write_json(self.workdir / "trials.json", doc)
         atomic_write_text(self.workdir / "trials.md", rep.markdown(doc))
@@ -891,6 +893,7 @@ def run_search(cfg: PipelineConfig, *, workdir: str | os.PathLike | None = None,
     s = cfg.search or SearchConfig()
     wd = Path(workdir) if workdir is not None else search_dir(cfg)
     srch = _Search(cfg, wd, log=log, quiet=quiet, worker=worker, raw=raw)
+    srch.started = t0
     _optuna()
     wd.mkdir(parents=True, exist_ok=True)
     srch.setup()
