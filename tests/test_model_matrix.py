@@ -105,16 +105,23 @@ MODELS: dict[str, dict[str, Any]] = {
 }
 FAST = ("mobilenet_v2", "shufflenet_v2_x0_5", "vit (tiny VisionTransformer)", "user factory (CSP-style net)")
 
-# What each stage gives where it is not plain "ok" (kinds: ok, refused, fails), and why.
-EXPECTED: dict[str, dict[str, str]] = {
+# What each stage gives where it is not plain "ok" (kinds: ok, refused, fails), and why; a tuple
+# lists kinds that depend on the CPU onnxruntime runs on.
+EXPECTED: dict[str, dict[str, str | tuple[str, ...]]] = {
     # the INT8 file's logits drift from the fake-quant model's block by block (2% after the first
-    # stack, ~40% after the fourth, ~60-100% at the end); every other model stays within 15%
+    # stack, ~40% after the fourth, ~60-100% at the end); the others stay within 15%, except:
     "mnasnet0_5": {"qat": "fails"},
+    # 14.8% of the max logit with onnxruntime's graph optimizations at ORT_ENABLE_EXTENDED or off
+    # on every CPU seen; its layout optimizations (ORT_ENABLE_ALL, the default) picked kernels that
+    # reached 23% on one CPU (AMD EPYC with avx512_vp2intersect and avx512_bf16), under 20% on
+    # another. The export stage's min_qat_top1_agreement guards a pipeline against such a file.
+    "shufflenet_v2_x0_5": {"qat": ("ok", "fails")},
 }
 
 
-def expected(name: str, stage: str) -> str:
-    return EXPECTED.get(name, {}).get(stage, "ok")
+def expected(name: str, stage: str) -> tuple[str, ...]:
+    kinds = EXPECTED.get(name, {}).get(stage, "ok")
+    return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
 # ---------------------------------------------------------------- one row of the matrix
@@ -288,8 +295,9 @@ def _check(name: str, tmp_path: Path) -> None:
     row = run_row(name, tmp_path)
     print(f"\n{name}: " + " | ".join(f"{s}: {row[s]}" for s in STAGES) + f" ({row['seconds']} s)")
     got = {s: row[s].split(" ", 1)[0] for s in STAGES}
-    want = {s: expected(name, s) for s in STAGES}
-    assert got == want, f"{name}: " + "; ".join(f"{s}: {row[s]}" for s in STAGES if got[s] != want[s])
+    wrong = [s for s in STAGES if got[s] not in expected(name, s)]
+    assert not wrong, f"{name}: " + "; ".join(f"{s}: {row[s]} (expected {' or '.join(expected(name, s))})"
+                                              for s in wrong)
 
 
 @pytest.mark.parametrize("name", FAST)
