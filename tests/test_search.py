@@ -170,6 +170,17 @@ def test_kd_finalist_gets_a_labels_only_baseline(tmp_path, fit_calls):
     md = (res.workdir / "trials.md").read_text()
     assert "Does KD help?" in md and f"{kd['number']}-labels" in md
 
+    # when another finalist already is that net on labels alone, it is not trained twice
+    one_net = {"mbnet": {"enabled": False},
+               "plainconv": {"depth": [2], "channels": [8], "stride_patterns": [[2, 1]]}}
+    raw_one = _raw(tmp_path / "one", latency_table=str(_table(tmp_path)), n_trials=6, top_k=2, sampler="random",
+                   recipes=[KD, [{"method": "ce", "weight": 1.0}]], families=one_net)
+    fit_calls.clear()
+    finals = run_search(validate_config(raw_one), log=None, raw=raw_one).finals
+    assert len(finals) == 2 and {r["baseline_of"] for r in finals} == {None}
+    assert sorted(len(r["recipe"]) for r in finals) == [1, 2]
+    assert not [c for c in fit_calls if c.endswith("-labels")]
+
     raw_off = _raw(tmp_path / "off", latency_table=str(_table(tmp_path, slow=(0, 0))), recipes=[KD], n_trials=2,
                    labels_only_baseline=False)
     assert len(run_search(validate_config(raw_off), log=None, raw=raw_off).finals) == 1

@@ -685,10 +685,14 @@ class _Search:
             if len(picked) >= self.s.top_k:
                 break
         out = []
+        trained = {(t.user_attrs["key"], recipe_key(t.user_attrs["recipe"])) for t in picked}
         for t in picked:
             out.append(self.final(t))
             if self.s.labels_only_baseline and self.needs_teacher(t.user_attrs["recipe"]):
-                out.append(self.final(t, _labels_only()))
+                pair = (t.user_attrs["key"], recipe_key(_labels_only()))
+                if pair not in trained:  # not when another finalist is that very net on labels alone
+                    trained.add(pair)
+                    out.append(self.final(t, _labels_only()))
         return out
 
     def final(self, t, recipe: list[dict[str, Any]] | None = None) -> dict[str, Any]:
