@@ -41,30 +41,24 @@ def _rel(path: Path) -> str:
         return path.name
 
 
-def student_epochs(cfg) -> tuple[int, str]:
-    """Epochs of training the pipeline's student gets in all (rounded up), and how they add up."""
-    n_train = None
-    parts, total = [], 0.0
-
+def student_epochs(cfg, n_train: int) -> tuple[int, str]:
+    """Epochs of training the pipeline's student gets in all (rounded up), and how they add up;
+    `n_train`: training images per epoch (what `max_batches_per_epoch` is a fraction of)."""
     def frac(train) -> float:
-        if train.max_batches_per_epoch is None or n_train is None:
+        if train.max_batches_per_epoch is None:
             return float(train.epochs)
         bs = train.batch_size or cfg.data.batch_size
         return train.epochs * min(1.0, train.max_batches_per_epoch * bs / n_train)
 
-    from compresskit.data import load_data
-
-    n_train = len(load_data(cfg.data, seed=cfg.seed).train)
+    parts = {}
     if cfg.distill.enabled:
-        total += frac(cfg.distill.train)
-        parts.append(f"distill {frac(cfg.distill.train):g}")
+        parts["distill"] = frac(cfg.distill.train)
     if cfg.prune.enabled and cfg.prune.finetune.train.epochs:
-        total += frac(cfg.prune.finetune.train)
-        parts.append(f"prune fine-tune {frac(cfg.prune.finetune.train):g}")
+        parts["prune fine-tune"] = frac(cfg.prune.finetune.train)
     if cfg.quantize.qat.enabled:
-        total += frac(cfg.quantize.qat.train)
-        parts.append(f"QAT {frac(cfg.quantize.qat.train):.2f}")
-    return max(1, math.ceil(total - 1e-9)), " + ".join(parts)
+        parts["QAT"] = frac(cfg.quantize.qat.train)
+    total = sum(parts.values())
+    return max(1, math.ceil(total - 1e-9)), " + ".join(f"{k} {v:.2g}" for k, v in parts.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{deployed} not found: run `compresskit run {args.config}` first")
     raw = apply_overrides(load_raw(args.config), args.overrides)
     run_cfg = validate_config(copy.deepcopy(raw))
-    epochs, epoch_parts = (args.epochs, "set by --epochs") if args.epochs is not None else student_epochs(run_cfg)
+    data = load_data(run_cfg.data, seed=run_cfg.seed)  # the hand path's data too (same data section)
+    epochs, epoch_parts = (args.epochs, "set by --epochs") if args.epochs is not None else \
+        student_epochs(run_cfg, len(data.train))
     hand = copy.deepcopy(raw) | {"name": "hand", "models_dir": str(args.workdir),
                                  "reports_dir": str(args.workdir / "reports")}
     hand["teacher"] = dict(hand["teacher"]) | {"checkpoint": str(args.run / "teacher" / "model.pt")}
@@ -116,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_pipeline(cfg, until="distill", quiet=True, log=lambda _: None)
     t1 = time.perf_counter()
-    data = load_data(cfg.data, seed=cfg.seed)
     student = model_from_checkpoint(read_checkpoint(args.workdir / "hand" / "distill" / "model.pt")).eval()
     out_dir = args.workdir / "hand" / "onnx"
     fp32 = export_onnx(student, out_dir / "student.onnx", data.example_input(1))
